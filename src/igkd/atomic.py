@@ -1,0 +1,64 @@
+"""Atomic writes: a file is either its old content or its complete new content.
+
+Every artefact igkd writes (checkpoints, caches, JSON summaries, reports) goes
+through these helpers: write to a temporary file in the same folder, flush and
+fsync, then ``os.replace`` it onto the destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary sibling of ``path``; on success rename it onto ``path``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        from igkd.errors import IgkdError
+
+        raise IgkdError(f"cannot write {path}: folder {path.parent} does not exist (create it first)")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
+    import torch
+
+    with atomic_open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line and fsync (metrics logs)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -1,0 +1,37 @@
+"""Device selection and the precision/layout policy used for training and inference."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from igkd.errors import IgkdError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cuda``/``cuda:N``/``cpu`` are taken as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise IgkdError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise IgkdError(f"device {name!r} requested but no CUDA GPU is available: use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA; a no-op context on CPU (fp32 there is faster and exact)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move to device; channels_last on CUDA, where convolutions run faster in it."""
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model

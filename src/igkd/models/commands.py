@@ -1,0 +1,7 @@
+"""CLI commands of igkd.models (registered by igkd.cli)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this stage's commands to the top-level app."""

@@ -1,0 +1,1 @@
+"""igkd.report"""
