@@ -29,6 +29,18 @@ _STAGES = (
 )
 
 
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the igkd version and exit.", is_eager=True),
+) -> None:
+    """Compress CNNs by knowledge distillation guided by integrated gradients."""
+    if version:
+        from igkd import __version__
+
+        print(__version__)
+        raise typer.Exit()
+
+
 def _register_all() -> None:
     import importlib
 

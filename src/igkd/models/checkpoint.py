@@ -1,0 +1,150 @@
+"""Model files: igkd safetensors checkpoints and the published state-dict layouts.
+
+An igkd model file is a safetensors file whose metadata holds the architecture
+spec (JSON) and free-form provenance, so ``load_model(path)`` needs nothing else.
+Also accepted (loaded with ``torch.load(weights_only=True)``):
+
+* igkd training checkpoints (``{"model": state_dict, "spec": {...}, ...}``);
+* the PyTorch_CIFAR10 MobileNetV2 teacher (``features.<i>``, ``classifier.1``), which
+  expects normalised inputs;
+* the paper authors' students, ``features.<i>`` + ``classifier.1`` or, for their
+  attention-transfer students, ``front_layers.<i>`` / ``middle_layer`` /
+  ``end_layers.<j>``; these were trained on un-normalised [0, 1] inputs, which is
+  recorded by giving them mean 0 / std 1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from igkd.atomic import atomic_write_bytes
+from igkd.errors import IgkdError
+from igkd.models.mobilenetv2 import CIFAR10_MEAN, CIFAR10_STD, MobileNetV2CIFAR
+from igkd.models.registry import build_model, model_spec, spec_of
+
+RAW_INPUT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+
+
+def save_model(path: str | Path, model: MobileNetV2CIFAR, meta: dict | None = None, dtype: torch.dtype | None = None) -> None:
+    """Write weights (optionally cast, e.g. fp16) + spec + meta as one safetensors file, atomically."""
+    from safetensors.torch import save
+
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        if dtype is not None and value.is_floating_point() and not key.startswith("normalize."):
+            value = value.to(dtype)
+        state[key] = value
+    metadata = {"igkd_spec": json.dumps(spec_of(model)), "igkd_meta": json.dumps(meta or {}, default=str)}
+    atomic_write_bytes(path, save(state, metadata=metadata))
+
+
+def _remap_attention_layout(state: dict) -> dict:
+    """front_layers.i / middle_layer / end_layers.j -> features.<n> in that order."""
+    front = sorted({int(m.group(1)) for k in state if (m := re.match(r"front_layers\.(\d+)\.", k))})
+    end = sorted({int(m.group(1)) for k in state if (m := re.match(r"end_layers\.(\d+)\.", k))})
+    order = {f"front_layers.{i}.": f"features.{n}." for n, i in enumerate(front)}
+    order["middle_layer."] = f"features.{len(front)}."
+    order.update({f"end_layers.{j}.": f"features.{len(front) + 1 + n}." for n, j in enumerate(end)})
+    remapped = {}
+    for key, value in state.items():
+        for old, new in order.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        remapped[key] = value
+    return remapped
+
+
+def _spec_from_external(state: dict, path: Path) -> dict:
+    indices = {int(m.group(1)) for k in state if (m := re.match(r"features\.(\d+)\.", k))}
+    if not indices or "classifier.1.weight" not in state:
+        raise IgkdError(
+            f"{path} is not a MobileNetV2-CIFAR model: expected keys 'features.<i>...' and 'classifier.1.weight' "
+            f"(found e.g. {', '.join(list(state)[:3]) or 'nothing'})"
+        )
+    keep = max(indices) + 1
+    k = 19 - keep
+    weight = state["classifier.1.weight"]
+    num_classes = weight.shape[0]
+    teacher_like = keep == 19
+    try:
+        spec = model_spec("teacher" if k == 0 else f"k{k}", num_classes=num_classes)
+    except IgkdError:
+        raise IgkdError(f"{path}: a network of {keep} feature modules is not in the igkd family (teacher = 19, students = 19 - k)") from None
+    convention = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD} if teacher_like else RAW_INPUT
+    spec.update(mean=list(convention["mean"]), std=list(convention["std"]))
+    return spec
+
+
+def load_model(path: str | Path, *, map_location="cpu", expect: str | None = None) -> tuple[MobileNetV2CIFAR, dict]:
+    """Load any supported model file -> (model in eval mode, metadata incl. ``spec`` and ``format``).
+
+    ``expect`` ('teacher' or 'k5' ...) refuses a file of another architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IgkdError(f"checkpoint {path} does not exist")
+    meta: dict = {}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
+            spec = json.loads(header["igkd_spec"]) if "igkd_spec" in header else None
+            meta = json.loads(header.get("igkd_meta", "{}"))
+            fmt = "igkd-safetensors"
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(raw, dict) and "model" in raw and "spec" in raw:
+                state, spec, fmt = raw["model"], raw["spec"], "igkd-training-checkpoint"
+                meta = {k: v for k, v in raw.items() if k in ("meta", "epoch")}
+            elif isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
+                state, spec, fmt = raw["state_dict"], None, "state-dict"
+            elif isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values()):
+                state, spec, fmt = raw, None, "state-dict"
+            else:
+                raise IgkdError(f"{path} holds a {type(raw).__name__}, not a model state dict or igkd checkpoint")
+    except IgkdError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any decoding failure means 'not a model file'
+        raise IgkdError(f"cannot read {path} as a model checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith(("front_layers.", "middle_layer.")) for k in state):
+        state = _remap_attention_layout(state)
+        fmt = "reference-attention-student"
+    if spec is None:
+        spec = _spec_from_external(state, path)
+        fmt = "reference-teacher" if spec["k"] == 0 else ("reference-student" if fmt == "state-dict" else fmt)
+    if expect is not None:
+        wanted = model_spec(expect)["name"]
+        if spec.get("name") != wanted:
+            raise IgkdError(f"{path} holds a {spec.get('name')} model, but a {wanted} model is needed here")
+    model = build_model(spec)
+    state.setdefault("normalize.mean", model.normalize.mean)
+    state.setdefault("normalize.std", model.normalize.std)
+    reference = model.state_dict()
+    state = {k: v.to(reference[k].dtype) if k in reference and v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+    bad_shapes = [k for k in reference if k in state and state[k].shape != reference[k].shape]
+    if missing or unexpected or bad_shapes:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:3])}" if missing else "",
+                f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+                f"wrong shape {', '.join(bad_shapes[:3])}" if bad_shapes else "",
+            )
+            if part
+        )
+        raise IgkdError(f"{path} does not match the {spec['name']} architecture ({detail})")
+    model.load_state_dict(state)
+    model.to(map_location).eval()
+    meta.update(spec=spec, format=fmt, path=str(path))
+    return model, meta

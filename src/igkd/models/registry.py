@@ -1,0 +1,137 @@
+"""Model names -> architectures: ``teacher`` and the student family ``k3`` ... ``k17``.
+
+A model's *spec* (a small JSON-able dict) is stored with every checkpoint so that
+the architecture is rebuilt from the file alone.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from igkd.errors import IgkdError
+from igkd.models.mobilenetv2 import CIFAR10_MEAN, CIFAR10_STD, NUM_FEATURE_MODULES, MobileNetV2CIFAR
+
+STUDENT_KS = (3, 5, 7, 9, 11, 13, 15, 17)
+ARCH = "mobilenetv2-cifar"
+
+
+def parse_model_name(name: str) -> int:
+    """``teacher`` -> 0 removed modules; ``k5``, ``student-k5``, ``5`` -> 5."""
+    name = str(name).strip().lower()
+    if name == "teacher":
+        return 0
+    match = re.fullmatch(r"(?:student-?)?k?(\d+)", name)
+    if match and int(match.group(1)) in STUDENT_KS:
+        return int(match.group(1))
+    family = ", ".join(f"k{k}" for k in STUDENT_KS)
+    raise IgkdError(f"unknown model {name!r}: use 'teacher' or a student of the family {family}")
+
+
+def model_spec(
+    name: str = "teacher",
+    *,
+    num_classes: int = 10,
+    width: float = 1.0,
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    dropout: float | None = None,
+) -> dict:
+    k = parse_model_name(name)
+    return {
+        "arch": ARCH,
+        "name": "teacher" if k == 0 else f"k{k}",
+        "k": k,
+        "keep": NUM_FEATURE_MODULES - k,
+        "num_classes": int(num_classes),
+        "width": float(width),
+        "dropout": float((0.2 if k == 0 else 0.0) if dropout is None else dropout),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+    }
+
+
+def build_model(spec_or_name: dict | str = "teacher", **overrides) -> MobileNetV2CIFAR:
+    spec = model_spec(spec_or_name, **overrides) if isinstance(spec_or_name, str) else dict(spec_or_name)
+    if spec.get("arch") != ARCH:
+        raise IgkdError(f"unknown architecture {spec.get('arch')!r} (igkd builds {ARCH!r})")
+    return MobileNetV2CIFAR(
+        keep=spec["keep"],
+        num_classes=spec["num_classes"],
+        width=spec["width"],
+        dropout=spec["dropout"],
+        mean=spec["mean"],
+        std=spec["std"],
+    )
+
+
+def spec_of(model: MobileNetV2CIFAR) -> dict:
+    k = NUM_FEATURE_MODULES - model.keep
+    return {
+        "arch": ARCH,
+        "name": "teacher" if k == 0 else f"k{k}",
+        "k": k,
+        "keep": model.keep,
+        "num_classes": model.num_classes,
+        "width": model.width,
+        "dropout": model.dropout,
+        "mean": model.normalize.mean.flatten().tolist(),
+        "std": model.normalize.std.flatten().tolist(),
+    }
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: tuple[int, int] = (32, 32)) -> int:
+    """Multiply-accumulates of one forward pass on one image (convolutions and linear layers)."""
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, _inputs, output):
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    def linear_hook(module: nn.Linear, _inputs, output):
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    hooks = [
+        m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(1, 3, *input_size, device=device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def family_table(num_classes: int = 10, width: float = 1.0) -> list[dict]:
+    """Name, k, params, CF (teacher params / params, 2 decimals) and MACs at 32x32 for the whole family."""
+    rows = []
+    teacher_params = None
+    for k in (0, *STUDENT_KS):
+        model = build_model("teacher" if k == 0 else f"k{k}", num_classes=num_classes, width=width)
+        params = count_parameters(model)
+        teacher_params = teacher_params or params
+        rows.append(
+            {
+                "name": "teacher" if k == 0 else f"k{k}",
+                "k": k,
+                "params": params,
+                "cf": round(teacher_params / params, 2),
+                "macs": count_macs(model),
+            }
+        )
+    return rows
