@@ -1,7 +1,109 @@
-"""CLI commands of igkd.distill (registered by igkd.cli)."""
+"""CLI: ``igkd train-teacher`` and ``igkd distill`` (one loop, every method)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+DATASET_HELP = "Dataset name: digits (offline), cifar10, folder, imagenet32-cifar."
+
+
+def _print_summary(summary: dict, out: Path, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    teacher = summary.get("teacher_test_accuracy")
+    print(
+        f"{summary['method']} {summary['student']}: test {summary['test_accuracy']:.2f}%"
+        + (f", val {summary['val_accuracy']:.2f}%" if summary.get("val_accuracy") is not None else "")
+        + (f", teacher {teacher:.2f}%" if teacher is not None else "")
+        + f" after {summary['epochs']} epochs ({summary['wall_time_s']:.0f} s)"
+    )
+    print(f"run folder: {out} (model.safetensors, summary.json, metrics.jsonl)")
+
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to the top-level app."""
+    @app.command("train-teacher")
+    def train_teacher(
+        dataset: str = typer.Option(..., help=DATASET_HELP),
+        out: Path = typer.Option(..., help="Run folder (created)."),
+        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
+        epochs: Optional[int] = typer.Option(None, help="Epochs (recipe 'teacher': 100)."),
+        batch_size: Optional[int] = typer.Option(None),
+        lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+        width: Optional[float] = typer.Option(None, help="Width multiplier of MobileNetV2."),
+        label_smoothing: Optional[float] = typer.Option(None),
+        val_fraction: Optional[float] = typer.Option(None, help="Part of train held out for validation."),
+        seed: int = typer.Option(0),
+        config: Optional[Path] = typer.Option(None, help="YAML file of config keys."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+        compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ) -> None:
+        """Train the MobileNetV2-CIFAR teacher (SGD + Nesterov, warm-up + cosine, label smoothing)."""
+        from igkd.data import load_dataset
+        from igkd.distill.config import load_yaml, resolve_config
+        from igkd.distill.run import run_training
+
+        cfg = resolve_config(
+            "student", "teacher", load_yaml(config) if config else None,
+            student="teacher", epochs=epochs, batch_size=batch_size, lr=lr, width=width,
+            label_smoothing=label_smoothing, val_fraction=val_fraction, seed=seed, device=device, compile=compile or None,
+        )
+        data = load_dataset(dataset, data_dir)
+        summary = run_training(cfg, data, out, resume=resume, progress=not as_json)
+        _print_summary(summary, out, as_json)
+
+    @app.command("distill")
+    def distill(
+        method: str = typer.Option(..., help="student, kd, ig, kd_ig, at, kd_at, ig_at, kd_ig_at."),
+        dataset: str = typer.Option(..., help=DATASET_HELP),
+        out: Path = typer.Option(..., help="Run folder (created)."),
+        teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder (needed by kd/ig/at)."),
+        student: str = typer.Option("k5", help="Student: k3, k5, ..., k17 (modules removed)."),
+        attributions: Optional[Path] = typer.Option(None, help="IG cache folder from 'igkd attributions compute'."),
+        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
+        recipe: str = typer.Option("paper", help="paper (Adam 1e-3, 100 epochs, batch 64) or improved."),
+        config: Optional[Path] = typer.Option(None, help="YAML file of config keys (overridden by options)."),
+        seed: int = typer.Option(0, help="Seed of initialisation, batches, augmentation."),
+        subset: Optional[float] = typer.Option(None, help="Train on a stratified random fraction (Monte Carlo)."),
+        subset_seed: Optional[int] = typer.Option(None, help="Seed of the subset (default: --seed)."),
+        epochs: Optional[int] = typer.Option(None),
+        batch_size: Optional[int] = typer.Option(None),
+        lr: Optional[float] = typer.Option(None),
+        alpha: Optional[float] = typer.Option(None, help="KD weight."),
+        temperature: Optional[float] = typer.Option(None, "--temperature", "-T", help="KD temperature."),
+        p: Optional[float] = typer.Option(None, "--p", help="IG overlay probability."),
+        gamma: Optional[float] = typer.Option(None, help="Attention-transfer weight."),
+        at_teacher_layer: Optional[str] = typer.Option(None, help="Teacher module for attention (default features.<n//2>)."),
+        at_student_layer: Optional[str] = typer.Option(None, help="Student module for attention (default features.<n//2>)."),
+        width: Optional[float] = typer.Option(None, help="Student width multiplier."),
+        val_fraction: Optional[float] = typer.Option(None),
+        device: str = typer.Option("auto"),
+        compile: bool = typer.Option(False, "--compile"),
+        resume: bool = typer.Option(False, "--resume"),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Train a student with one of the eight methods (a preset of alpha, T, p, gamma)."""
+        from igkd.data import load_dataset
+        from igkd.distill.config import load_yaml, resolve_config
+        from igkd.distill.run import run_training
+        from igkd.models import parse_model_name
+
+        if parse_model_name(student) == 0:
+            from igkd.errors import IgkdError
+
+            raise IgkdError("--student must be a student of the family (k3 ... k17); train the teacher with 'igkd train-teacher'")
+        cfg = resolve_config(
+            method, recipe, load_yaml(config) if config else None,
+            student=student, seed=seed, subset=subset, subset_seed=subset_seed, epochs=epochs, batch_size=batch_size,
+            lr=lr, alpha=alpha, temperature=temperature, p=p, gamma=gamma, at_teacher_layer=at_teacher_layer,
+            at_student_layer=at_student_layer, width=width, val_fraction=val_fraction, device=device, compile=compile or None,
+        )
+        data = load_dataset(dataset, data_dir)
+        summary = run_training(cfg, data, out, teacher_path=teacher, attributions_dir=attributions, resume=resume, progress=not as_json)
+        _print_summary(summary, out, as_json)

@@ -1,7 +1,63 @@
-"""CLI commands of igkd.evaluate (registered by igkd.cli)."""
+"""CLI: ``igkd evaluate`` (accuracy, per-class accuracy, confusion matrix)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
+def print_report(report: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{title}[/bold]: accuracy {report['accuracy']:.2f}% on {report['n']} images")
+    classes = report["classes"]
+    table = Table(title="per class and confusion (rows: true, columns: predicted)")
+    table.add_column("class")
+    table.add_column("acc %", justify="right")
+    for name in classes:
+        table.add_column(name[:6], justify="right")
+    for i, name in enumerate(classes):
+        acc = report["per_class"][name]
+        table.add_row(name, "-" if acc is None else f"{acc:.1f}", *[str(v) for v in report["confusion"][i]])
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to the top-level app."""
+    @app.command("evaluate")
+    def evaluate_command(
+        checkpoint: Path = typer.Option(..., help="Model file (or run folder with model.safetensors)."),
+        dataset: str = typer.Option(..., help="Dataset name (digits, cifar10, folder, imagenet32-cifar)."),
+        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
+        split: str = typer.Option("test", help="test or train."),
+        device: str = typer.Option("auto"),
+        batch_size: int = typer.Option(500),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    ) -> None:
+        """Accuracy, per-class accuracy and confusion matrix of a model on a dataset split."""
+        from igkd.data import load_dataset
+        from igkd.devices import resolve_device
+        from igkd.distill.run import resolve_checkpoint
+        from igkd.errors import IgkdError
+        from igkd.evaluate.accuracy import evaluate
+        from igkd.models import load_model
+
+        if split not in ("test", "train"):
+            raise IgkdError(f"unknown split {split!r}: use test or train")
+        path = resolve_checkpoint(checkpoint)
+        model, meta = load_model(path)
+        data = load_dataset(dataset, data_dir)
+        if model.num_classes != data.num_classes:
+            raise IgkdError(f"{path} predicts {model.num_classes} classes but {data.name} has {data.num_classes}")
+        target = resolve_device(device)
+        part = data.test if split == "test" else data.train
+        report = evaluate(model.to(target), part.images, part.labels, data.classes, batch_size, target)
+        report.update(checkpoint=str(path), model=meta["spec"]["name"], dataset=data.name, fingerprint=data.fingerprint, split=split)
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            print_report(report, f"{meta['spec']['name']} on {data.name} {split}")

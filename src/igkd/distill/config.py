@@ -1,0 +1,173 @@
+"""Training configuration: recipes (optimiser, schedule, epochs) x methods (loss terms, augmentations).
+
+A training method is a combination of loss terms and augmentations, not a new loop:
+
+=========  =====  ===  ====  =========================================
+method     alpha   T    p    gamma   (paper values; all overridable)
+=========  =====  ===  ====  =========================================
+student      0          0      0     cross-entropy only
+kd         0.01   2.5   0      0     + soft targets of the teacher
+ig           0          0.1    0     + teacher IG maps overlaid on images
+kd_ig      0.01   2.5   0.1    0
+at           0          0     0.8    + attention transfer
+kd_at      0.01   2.5   0     0.8
+ig_at        0          0.1   0.8
+kd_ig_at   0.01   2.5   0.1   0.8
+=========  =====  ===  ====  =========================================
+
+Values are resolved in this order, each overriding the last: the recipe, the
+method, a YAML file (``--config``), then command-line options. The resolved
+configuration is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from igkd.errors import IgkdError
+
+METHODS: dict[str, dict] = {
+    "student": {"alpha": 0.0, "p": 0.0, "gamma": 0.0},
+    "kd": {"alpha": 0.01, "p": 0.0, "gamma": 0.0},
+    "ig": {"alpha": 0.0, "p": 0.1, "gamma": 0.0},
+    "kd_ig": {"alpha": 0.01, "p": 0.1, "gamma": 0.0},
+    "at": {"alpha": 0.0, "p": 0.0, "gamma": 0.8},
+    "kd_at": {"alpha": 0.01, "p": 0.0, "gamma": 0.8},
+    "ig_at": {"alpha": 0.0, "p": 0.1, "gamma": 0.8},
+    "kd_ig_at": {"alpha": 0.01, "p": 0.1, "gamma": 0.8},
+}
+
+RECIPES: dict[str, dict] = {
+    # The paper: Adam 1e-3, no schedule, 100 epochs, batch 64, crop + flip.
+    "paper": {
+        "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant", "warmup_epochs": 0,
+        "epochs": 100, "batch_size": 64, "label_smoothing": 0.0,
+    },
+    # Ours for students (see docs/training.md): SGD + Nesterov, larger batch, linear warm-up then
+    # cosine decay to zero, weight decay on conv/linear weights only.
+    "improved": {
+        "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+        "schedule": "cosine", "warmup_epochs": 2, "epochs": 100, "batch_size": 128, "label_smoothing": 0.0,
+    },
+    # Teacher training: as 'improved' plus label smoothing 0.1.
+    "teacher": {
+        "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+        "schedule": "cosine", "warmup_epochs": 2, "epochs": 100, "batch_size": 128, "label_smoothing": 0.1,
+    },
+}
+
+
+@dataclass
+class TrainConfig:
+    method: str = "student"
+    recipe: str = "paper"
+    student: str = "k5"
+    width: float = 1.0
+    # optimisation (from the recipe unless overridden)
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | cosine
+    warmup_epochs: float = 0
+    epochs: int = 100
+    batch_size: int = 64
+    label_smoothing: float = 0.0
+    # method (from the method preset unless overridden)
+    alpha: float = 0.0
+    temperature: float = 2.5
+    p: float = 0.0
+    ig_scale_low: float = 1.0
+    ig_scale_high: float = 2.0
+    gamma: float = 0.0
+    at_teacher_layer: str | None = None
+    at_student_layer: str | None = None
+    at_divider: int = 2
+    # data
+    augment: bool = True
+    pad: int = 4
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    subset: float = 1.0
+    subset_seed: int | None = None
+    # run
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    compile: bool = False
+    eval_batch_size: int = 1000
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.alpha > 0 or self.gamma > 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_keys(values: dict, where: str) -> None:
+    unknown = sorted(set(values) - FIELDS)
+    if unknown:
+        raise IgkdError(f"unknown key {unknown[0]!r} in {where} (valid keys: {', '.join(sorted(FIELDS - {'extra'}))})")
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise IgkdError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise IgkdError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise IgkdError(f"config file {path} must hold a mapping of keys to values")
+    _check_keys(values, str(path))
+    return values
+
+
+def resolve_config(method: str = "student", recipe: str = "paper", yaml_values: dict | None = None, **overrides) -> TrainConfig:
+    """recipe -> method preset -> YAML -> overrides (``None`` overrides are ignored)."""
+    yaml_values = dict(yaml_values or {})
+    method = str(yaml_values.pop("method", method) if overrides.get("method") is None else overrides.pop("method")).lower()
+    recipe = str(yaml_values.pop("recipe", recipe) if overrides.get("recipe") is None else overrides.pop("recipe")).lower()
+    if method not in METHODS:
+        raise IgkdError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if recipe not in RECIPES:
+        raise IgkdError(f"unknown recipe {recipe!r}: use one of {', '.join(RECIPES)}")
+    values: dict = {"method": method, "recipe": recipe, **RECIPES[recipe], **METHODS[method], **yaml_values}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _check_keys(given, "the command-line options")
+    values.update(given)
+    _check_keys(values, "the configuration")
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    checks = [
+        (config.epochs >= 1, f"epochs must be at least 1, got {config.epochs}"),
+        (config.batch_size >= 1, f"batch_size must be at least 1, got {config.batch_size}"),
+        (config.lr > 0, f"lr must be positive, got {config.lr}"),
+        (0 <= config.alpha <= 1, f"alpha must be in [0, 1], got {config.alpha}"),
+        (config.temperature > 0, f"temperature must be positive, got {config.temperature}"),
+        (0 <= config.p <= 1, f"p must be in [0, 1], got {config.p}"),
+        (0 < config.ig_scale_low <= config.ig_scale_high, "need 0 < ig_scale_low <= ig_scale_high"),
+        (config.gamma >= 0, f"gamma must be non-negative, got {config.gamma}"),
+        (0 < config.subset <= 1, f"subset must be in (0, 1], got {config.subset}"),
+        (0 <= config.val_fraction < 1, f"val_fraction must be in [0, 1), got {config.val_fraction}"),
+        (config.optimizer in ("adam", "adamw", "sgd"), f"optimizer must be adam, adamw or sgd, got {config.optimizer!r}"),
+        (config.schedule in ("constant", "cosine"), f"schedule must be constant or cosine, got {config.schedule!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise IgkdError(message)

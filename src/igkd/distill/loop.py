@@ -1,0 +1,377 @@
+"""The one training loop: teacher training and all eight distillation methods.
+
+Per step: a batch of the device-resident training split receives its crop/flip
+(the IG maps receive the same), the IG overlay (probability p), then the student
+and, when a loss term needs it, the frozen teacher run on that *same* augmented
+view; the loss is KD (or plain CE) plus attention transfer. Each epoch ends with
+validation on a held-out part of the training split, a metrics line, and an
+atomic checkpoint that ``resume=True`` continues from exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from igkd.atomic import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text
+from igkd.data.dataset import Dataset
+from igkd.data.loader import DeviceLoader
+from igkd.data.splits import stratified_subset, train_val_split
+from igkd.devices import autocast, prepare_model, resolve_device
+from igkd.distill.config import TrainConfig
+from igkd.distill.distributed import DistContext
+from igkd.distill.losses import FeatureTap, attention_transfer_loss, default_attention_layer, kd_loss
+from igkd.distill.overlay import ig_overlay
+from igkd.errors import IgkdError
+from igkd.evaluate.accuracy import evaluate
+from igkd.models import build_model, count_parameters, save_model
+from igkd.progress import progress_bar
+from igkd.provenance import environment
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+MODEL = "model.safetensors"
+
+
+def split_indices(config: TrainConfig, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices into the training split: the validation part is fixed by ``split_seed``
+    for every run; the optional stratified subset (Monte Carlo) is drawn from the rest by ``subset_seed``."""
+    train_idx, val_idx = train_val_split(labels, config.val_fraction, config.split_seed)
+    if config.subset < 1.0:
+        seed = config.seed if config.subset_seed is None else config.subset_seed
+        train_idx = train_idx[stratified_subset(labels[train_idx], config.subset, seed)]
+    return train_idx, val_idx
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units of uint8 images (the input normalisation)."""
+    x = images.float().div(255).transpose(0, 1).flatten(1)
+    return x.mean(1).tolist(), x.std(1).tolist()
+
+
+def _lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = config.epochs * steps_per_epoch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    # Adam's weight_decay is L2 in the gradient, as in the reference (which used none).
+    return torch.optim.Adam(groups, lr=config.lr)
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "overlay": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["overlay"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Keep only epochs <= last_epoch, so a resumed run logs every epoch exactly once."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+class Trainer:
+    """Holds the pieces of one run; ``run()`` trains it to the end (or from its checkpoint)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset: Dataset,
+        out_dir: str | Path,
+        *,
+        teacher: nn.Module | None = None,
+        teacher_info: dict | None = None,
+        ig_maps: torch.Tensor | None = None,
+        attribution_info: dict | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        on_epoch_end: Callable[[int, dict], None] | None = None,
+    ):
+        self.config, self.dataset, self.out = config, dataset, Path(out_dir)
+        self.resume, self.show_progress, self.on_epoch_end = resume, progress, on_epoch_end
+        self.teacher_info, self.attribution_info = teacher_info or {}, attribution_info or {}
+        device = resolve_device(config.device)
+        self.dist = DistContext.from_env(device.type)
+        self.device = self.dist.device(device)
+        self._check_inputs(teacher, ig_maps)
+        self._prepare_folder()
+
+        torch.manual_seed(config.seed + 1_000 * self.dist.rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 7919 + self.dist.rank)
+        labels = dataset.train.labels
+        self.train_idx, self.val_idx = split_indices(config, labels)
+        extras = {"ig": ig_maps} if config.p > 0 else None
+        self.loader = DeviceLoader(
+            dataset.train.images.to(self.device),
+            labels,
+            max(1, config.batch_size // self.dist.world_size),
+            indices=self.train_idx,
+            shuffle=True,
+            augment=config.augment,
+            pad=config.pad,
+            seed=config.seed,
+            extras=extras,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+
+        if teacher is not None:
+            mean, std = teacher.normalize.mean.flatten().tolist(), teacher.normalize.std.flatten().tolist()
+        else:
+            mean, std = channel_stats(dataset.train.images[self.train_idx])
+        self.model = prepare_model(
+            build_model(config.student, num_classes=dataset.num_classes, width=config.width, mean=mean, std=std), self.device
+        )
+        self.teacher = None
+        self.reference_teacher = prepare_model(teacher, self.device).eval() if teacher is not None else None
+        if teacher is not None and config.uses_teacher:
+            self.teacher = prepare_model(teacher, self.device).eval().requires_grad_(False)
+        self.taps = None
+        if config.gamma > 0:
+            t_layer = config.at_teacher_layer or default_attention_layer(self.teacher, config.at_divider)
+            s_layer = config.at_student_layer or default_attention_layer(self.model, config.at_divider)
+            self.taps = (FeatureTap(self.model, s_layer), FeatureTap(self.teacher, t_layer))
+            self.at_layers = {"teacher": t_layer, "student": s_layer}
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None
+            )
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.optimizer = _optimizer(config, self.model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config, len(self.loader)))
+        self.start_epoch, self.teacher_test = 1, None
+        self.wall_before = 0.0
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _check_inputs(self, teacher, ig_maps) -> None:
+        config = self.config
+        if config.uses_teacher and teacher is None:
+            raise IgkdError(f"method {config.method!r} (alpha={config.alpha}, gamma={config.gamma}) needs a teacher: pass --teacher CKPT")
+        if config.p > 0:
+            if ig_maps is None:
+                raise IgkdError(f"method {config.method!r} overlays IG maps (p={config.p}): pass --attributions DIR (built by 'igkd attributions compute')")
+            expected = (len(self.dataset.train), *self.dataset.image_size)
+            if tuple(ig_maps.shape) != expected:
+                raise IgkdError(f"IG maps have shape {tuple(ig_maps.shape)} but the training split needs {expected} (one map per training image, in dataset order)")
+
+    def _prepare_folder(self) -> None:
+        if not self.dist.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        config_path = self.out / CONFIG
+        if (self.out / CHECKPOINT).exists() and not self.resume:
+            raise IgkdError(f"{self.out} already holds a run: continue it with --resume, or choose another --out")
+        if self.resume and config_path.exists():
+            saved = json.loads(config_path.read_text())
+            current = json.loads(json.dumps(self.config.to_dict()))
+            changed = sorted(k for k in current if saved.get(k) != current[k] and k not in ("device", "compile"))
+            if changed:
+                raise IgkdError(
+                    f"cannot resume {self.out}: its saved config differs in {', '.join(changed)} "
+                    f"(e.g. {changed[0]}={saved.get(changed[0])!r} there vs {current[changed[0]]!r} now); use the same options or another --out"
+                )
+        atomic_write_json(config_path, self.config.to_dict())
+
+    def _load_checkpoint(self) -> None:
+        path = self.out / CHECKPOINT
+        if not (self.resume and path.exists()):
+            return
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], self.generator)
+        self.start_epoch = int(state["epoch"]) + 1
+        self.teacher_test = state.get("teacher_test")
+        self.wall_before = float(state.get("wall_time_s", 0.0))
+        if self.dist.is_main:
+            _truncate_metrics(self.out / METRICS, int(state["epoch"]))
+
+    def _save_checkpoint(self, epoch: int, wall: float) -> None:
+        if not self.dist.is_main:
+            return
+        from igkd.models import spec_of
+
+        atomic_torch_save(
+            self.out / CHECKPOINT,
+            {
+                "model": self.model.state_dict(),
+                "spec": spec_of(self.model),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(self.generator),
+                "epoch": epoch,
+                "teacher_test": self.teacher_test,
+                "wall_time_s": wall,
+            },
+        )
+
+    # -- training -----------------------------------------------------------------------------
+    def _step(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        images = batch.images
+        if config.p > 0:
+            images = ig_overlay(images, batch.extras["ig"], config.p, self.generator, config.ig_scale_low, config.ig_scale_high)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, config.amp):
+            logits = self.train_model(images)
+            teacher_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images)  # the same augmented view the student saw
+        loss = kd_loss(logits, teacher_logits if config.alpha > 0 else None, batch.labels, config.alpha, config.temperature, config.label_smoothing)
+        if self.taps is not None:
+            student_tap, teacher_tap = self.taps
+            loss = loss + attention_transfer_loss(student_tap.take(), teacher_tap.take(), config.gamma)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach(), (logits.argmax(1) == batch.labels).sum()
+
+    def _evaluate(self, split: str) -> dict | None:
+        if split == "val":
+            if len(self.val_idx) == 0:
+                return None
+            images, labels = self.dataset.train.images[self.val_idx], self.dataset.train.labels[self.val_idx]
+        else:
+            images, labels = self.dataset.test.images, self.dataset.test.labels
+        return evaluate(self.model, images, labels, self.dataset.classes, self.config.eval_batch_size, self.device)
+
+    def run(self) -> dict:
+        config = self.config
+        summary_path = self.out / SUMMARY
+        if self.resume and summary_path.exists():
+            return json.loads(summary_path.read_text())
+        self._load_checkpoint()
+        if self.reference_teacher is not None and self.teacher_test is None:
+            self.teacher_test = self.dataset_accuracy(self.reference_teacher)
+            if self.show_progress and self.dist.is_main:
+                print(f"teacher test accuracy: {self.teacher_test:.2f}%")
+        started = time.perf_counter()
+        epoch_time = 0.0
+        for epoch in range(self.start_epoch, config.epochs + 1):
+            self.loader.set_epoch(epoch)
+            self.model.train()
+            tick = time.perf_counter()
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), device=self.device, dtype=torch.long)
+            seen = 0
+            with progress_bar(len(self.loader), f"epoch {epoch}/{config.epochs}", enabled=self.show_progress and self.dist.is_main) as bar:
+                for step, batch in enumerate(self.loader):
+                    loss, hits = self._step(batch)
+                    loss_sum += loss * len(batch.labels)
+                    correct += hits
+                    seen += len(batch.labels)
+                    if step % 50 == 49 and not torch.isfinite(loss_sum):
+                        self._non_finite(epoch, step)
+                    bar.advance(1, items=len(batch.labels))
+            if not torch.isfinite(loss_sum):
+                self._non_finite(epoch, len(self.loader) - 1)
+            loss_total, correct_total, seen_total = self.dist.sum([loss_sum.item(), correct.item(), seen], self.device)
+            epoch_time = time.perf_counter() - tick
+            val = self._evaluate("val")
+            record = {
+                "epoch": epoch,
+                "train_loss": loss_total / max(seen_total, 1),
+                "train_accuracy": 100.0 * correct_total / max(seen_total, 1),
+                "val_accuracy": val["accuracy"] if val else None,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "epoch_time_s": round(epoch_time, 3),
+                "images_per_s": round(seen_total / epoch_time, 1),
+            }
+            wall = self.wall_before + time.perf_counter() - started
+            if self.dist.is_main:
+                append_jsonl(self.out / METRICS, record)
+            self._save_checkpoint(epoch, wall)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(epoch, record)
+        return self._finish(self.wall_before + time.perf_counter() - started)
+
+    def dataset_accuracy(self, model: nn.Module) -> float:
+        return evaluate(model, self.dataset.test.images, self.dataset.test.labels, self.dataset.classes, self.config.eval_batch_size, self.device)["accuracy"]
+
+    def _non_finite(self, epoch: int, step: int) -> None:
+        kept = f"the last good checkpoint (epoch {epoch - 1}) is kept in {self.out / CHECKPOINT}" if epoch > 1 else "no checkpoint was written"
+        raise IgkdError(f"the training loss became NaN/inf in epoch {epoch} (by step {step + 1}); {kept}. Lower --lr or check the inputs")
+
+    def _finish(self, wall: float) -> dict:
+        val = self._evaluate("val")
+        test = self._evaluate("test")
+        summary = {
+            "kind": "teacher" if self.config.student == "teacher" else "student",
+            "method": self.config.method,
+            "recipe": self.config.recipe,
+            "student": self.config.student,
+            "params": count_parameters(self.model),
+            "seed": self.config.seed,
+            "subset": self.config.subset,
+            "subset_seed": self.config.seed if self.config.subset_seed is None else self.config.subset_seed,
+            "train_size": len(self.train_idx),
+            "val_size": len(self.val_idx),
+            "val_accuracy": val["accuracy"] if val else None,
+            "test_accuracy": test["accuracy"],
+            "test_per_class": test["per_class"],
+            "teacher_test_accuracy": self.teacher_test,
+            "epochs": self.config.epochs,
+            "wall_time_s": round(wall, 2),
+            "dataset": {"name": self.dataset.name, "fingerprint": self.dataset.fingerprint, "source": self.dataset.source},
+            "teacher": self.teacher_info or None,
+            "attributions": self.attribution_info or None,
+            "attention_layers": getattr(self, "at_layers", None),
+            "world_size": self.dist.world_size,
+            "config": self.config.to_dict(),
+            "environment": environment(self.device),
+        }
+        if self.dist.is_main:
+            save_model(self.out / MODEL, self.model, {"summary": {k: summary[k] for k in ("method", "seed", "test_accuracy", "val_accuracy")}})
+            atomic_write_json(self.out / SUMMARY, summary)
+        self.dist.barrier()
+        if self.taps is not None:
+            for tap in self.taps:
+                tap.remove()
+        return summary
+
+
+def train(config: TrainConfig, dataset: Dataset, out_dir: str | Path, **kwargs) -> dict:
+    """Train one run to completion (resuming when ``resume=True``) and return its summary."""
+    return Trainer(config, dataset, out_dir, **kwargs).run()

@@ -1,0 +1,81 @@
+"""From names and paths to a finished run: load data, teacher and IG maps, check they belong together, train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from igkd.distill.config import TrainConfig
+from igkd.distill.loop import MODEL, train
+from igkd.errors import IgkdError
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A model file, or a run folder holding ``model.safetensors``."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / MODEL).is_file():
+            return path / MODEL
+        raise IgkdError(f"{path} is a folder without {MODEL}: pass the model file, or a finished run folder")
+    if not path.exists():
+        raise IgkdError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_teacher(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    from igkd.models import load_model
+    from igkd.provenance import sha256_file
+
+    path = resolve_checkpoint(path)
+    model, meta = load_model(path)
+    return model, {"path": str(path), "sha256": sha256_file(path), "spec": meta["spec"], "format": meta["format"]}
+
+
+def load_ig_maps(directory: str | Path, teacher_sha256: str, dataset) -> tuple[torch.Tensor, dict]:
+    """The cached maps [N, H, W] (float16) of the training split, refused unless built for this teacher and data."""
+    import numpy as np
+
+    from igkd.attribution import open_attributions
+
+    cache = open_attributions(directory, teacher_sha256=teacher_sha256, dataset_fingerprint=dataset.fingerprint, split="train")
+    maps = torch.from_numpy(np.ascontiguousarray(cache.maps))
+    info = {"path": str(directory), "manifest_sha256": cache.manifest_sha256, "method": cache.manifest.get("method"), "n_steps": cache.manifest.get("n_steps")}
+    return maps, info
+
+
+def run_training(
+    config: TrainConfig,
+    dataset,
+    out_dir: str | Path,
+    *,
+    teacher_path: str | Path | None = None,
+    attributions_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end=None,
+) -> dict:
+    teacher, teacher_info = (None, None)
+    if teacher_path is not None:
+        teacher, teacher_info = load_teacher(teacher_path)
+        if teacher.num_classes != dataset.num_classes:
+            raise IgkdError(f"teacher {teacher_path} has {teacher.num_classes} classes but dataset {dataset.name} has {dataset.num_classes}")
+    maps, attribution_info = (None, None)
+    if config.p > 0:
+        if attributions_dir is None:
+            raise IgkdError(f"method {config.method!r} overlays IG maps (p={config.p}): pass --attributions DIR (built by 'igkd attributions compute')")
+        if teacher_info is None:
+            raise IgkdError("IG maps are checked against their teacher: pass --teacher CKPT with --attributions")
+        maps, attribution_info = load_ig_maps(attributions_dir, teacher_info["sha256"], dataset)
+    return train(
+        config,
+        dataset,
+        out_dir,
+        teacher=teacher,
+        teacher_info=teacher_info,
+        ig_maps=maps,
+        attribution_info=attribution_info,
+        resume=resume,
+        progress=progress,
+        on_epoch_end=on_epoch_end,
+    )
