@@ -1,0 +1,164 @@
+"""Integrated gradients, batched for throughput, numerically equal to Captum's.
+
+IG_i(x) = (x_i - x'_i) * sum_k w_k * dF_t(x' + a_k (x - x')) / dx_i, with the nodes
+``a_k`` and weights ``w_k`` of a quadrature rule (:mod:`igkd.attribution.quadrature`),
+F_t the model's output (logit) for the target class and x' the baseline.
+
+Speed comes from doing less, not from approximating: no parameter gradients, eval
+mode, every interpolation step of as many images as fit ``max_batch`` samples in one
+forward/backward pass, the step weight folded into the backward seed. On CUDA,
+``precision="auto"`` tries bf16 autocast on the first pass and keeps it only if the
+completeness error of those images stays within 1% of |F(x) - F(x')| (summed over the
+images of the pass), else it recomputes in fp32 and stays there. The precision used is
+reported (``Attribution.precision``) and recorded in cache manifests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from igkd.attribution.baselines import DEFAULT_BLUR_SIGMA, make_baseline
+from igkd.attribution.engine import (
+    Attribution,
+    autocast_for,
+    check_inputs,
+    default_max_batch,
+    input_gradient_mode,
+    input_gradients,
+    logits,
+    model_device,
+    resolve_precision,
+    target_indices,
+)
+from igkd.attribution.quadrature import quadrature
+
+BF16_COMPLETENESS_TOLERANCE = 0.01
+
+
+def _path_gradients(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    baselines: torch.Tensor,
+    targets: torch.Tensor,
+    alphas: torch.Tensor,
+    weights: torch.Tensor,
+    max_batch: int,
+    precision: str,
+    channels_last: bool,
+) -> torch.Tensor:
+    """sum_k w_k * grad F_t(x' + a_k (x - x')) for a group of images; steps of a pass are step-major."""
+    group, shape = inputs.shape[0], inputs.shape[1:]
+    passes = -(-alphas.numel() // max(1, max_batch // group))  # balanced: 50 steps at max 32 -> 2 x 25
+    steps_per_pass = -(-alphas.numel() // passes)
+    diff = inputs - baselines
+    total = torch.zeros_like(inputs, dtype=torch.float32)
+    for s0 in range(0, alphas.numel(), steps_per_pass):
+        a, w = alphas[s0 : s0 + steps_per_pass], weights[s0 : s0 + steps_per_pass]
+        steps = a.numel()
+        scaled = (baselines.unsqueeze(0) + a.view(-1, 1, 1, 1, 1) * diff.unsqueeze(0)).reshape(steps * group, *shape)
+        with autocast_for(precision, inputs.device):
+            grads = input_gradients(
+                model,
+                scaled,
+                targets.repeat(steps),
+                max_batch=scaled.shape[0],
+                weights=w.repeat_interleave(group),
+                channels_last=channels_last,
+            )
+        total += grads.view(steps, group, *shape).sum(0)
+    return total
+
+
+def integrated_gradients_attribution(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    target,
+    *,
+    baseline="black",
+    n_steps: int = 50,
+    rule: str = "gausslegendre",
+    max_batch: int | None = None,
+    precision: str = "auto",
+    channels_last: bool | None = None,
+    blur_sigma: float = DEFAULT_BLUR_SIGMA,
+    with_delta: bool = True,
+) -> Attribution:
+    """IG attributions, completeness errors and the precision used; see :func:`integrated_gradients`."""
+    check_inputs(inputs)
+    device = model_device(model)
+    x = inputs.detach().to(device, torch.float32)
+    alphas_list, weights_list = quadrature(rule, n_steps)
+    alphas = torch.tensor(alphas_list, dtype=torch.float32, device=device)
+    weights = torch.tensor(weights_list, dtype=torch.float32, device=device)
+    precision = resolve_precision(precision, device)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    max_batch = max_batch or default_max_batch(device, *x.shape[-2:])
+    with input_gradient_mode(model):
+        b = make_baseline(model, x, baseline, blur_sigma)
+        need_endpoints = with_delta or precision == "auto"
+        fx = logits(model, x, max_batch) if need_endpoints or isinstance(target, str) else None
+        fb = logits(model, b, max_batch) if need_endpoints else None
+        targets = target_indices(model, x, target, max_batch, outputs=fx)
+        gain = (fx.gather(1, targets[:, None]) - fb.gather(1, targets[:, None])).squeeze(1) if need_endpoints else None
+        total = torch.empty_like(x)
+        group = max(1, max_batch // n_steps)
+        for start in range(0, x.shape[0], group):
+            part = slice(start, start + group)
+            args = (model, x[part], b[part], targets[part], alphas, weights, max_batch)
+            trial = "bf16" if precision == "auto" else precision
+            total[part] = _path_gradients(*args, trial, channels_last)
+            if precision == "auto":
+                error = ((total[part] * (x[part] - b[part])).sum((1, 2, 3)) - gain[part]).abs().sum()
+                if error <= BF16_COMPLETENESS_TOLERANCE * gain[part].abs().sum():
+                    precision = "bf16"
+                else:
+                    precision = "fp32"
+                    total[part] = _path_gradients(*args, "fp32", channels_last)
+        values = total * (x - b)
+    delta = values.sum((1, 2, 3)) - gain if with_delta else None
+    return Attribution(values.to(inputs.device), None if delta is None else delta.to(inputs.device), precision)
+
+
+def integrated_gradients(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    target,
+    baseline="black",
+    n_steps: int = 50,
+    rule: str = "gausslegendre",
+    *,
+    max_batch: int | None = None,
+    precision: str = "auto",
+    channels_last: bool | None = None,
+    blur_sigma: float = DEFAULT_BLUR_SIGMA,
+    return_delta: bool = False,
+):
+    """Integrated gradients of ``model``'s output for ``target`` w.r.t. ``inputs`` [B, 3, H, W] in [0, 1].
+
+    ``target``: class indices (int or [B] ints; passing the true labels is the caller's
+    job) or ``"predicted"`` (the model's argmax). ``baseline``: ``"black"`` (zero pixels),
+    ``"mean"`` (the model's normalisation mean colour = Captum's zero baseline after
+    normalisation, as in the authors' code), ``"blur"`` (Gaussian blur, ``blur_sigma``
+    pixels) or a tensor. ``rule``/``n_steps``: Captum's quadrature rules and step counts.
+    ``max_batch``: interpolated samples per forward/backward pass (Captum's
+    ``internal_batch_size``); default from the device's memory budget.
+    ``precision``: ``auto`` (bf16 on CUDA when completeness allows, else fp32), ``fp32``, ``bf16``.
+    ``channels_last``: default on CUDA only.
+
+    Returns attributions shaped like ``inputs`` (fp32), and with ``return_delta`` also the
+    per-sample completeness error sum(attributions) - (F_t(x) - F_t(x')).
+    """
+    result = integrated_gradients_attribution(
+        model,
+        inputs,
+        target,
+        baseline=baseline,
+        n_steps=n_steps,
+        rule=rule,
+        max_batch=max_batch,
+        precision=precision,
+        channels_last=channels_last,
+        blur_sigma=blur_sigma,
+        with_delta=return_delta,
+    )
+    return (result.values, result.delta) if return_delta else result.values
