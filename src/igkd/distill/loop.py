@@ -250,8 +250,7 @@ class Trainer:
         images = batch.images
         if config.p > 0:
             images = ig_overlay(images, batch.extras["ig"], config.p, self.generator, config.ig_scale_low, config.ig_scale_high)
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, config.amp):
             logits = self.train_model(images)
             teacher_logits = None

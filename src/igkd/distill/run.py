@@ -39,7 +39,7 @@ def load_ig_maps(directory: str | Path, teacher_sha256: str, dataset) -> tuple[t
     from igkd.attribution import open_attributions
 
     cache = open_attributions(directory, teacher_sha256=teacher_sha256, dataset_fingerprint=dataset.fingerprint, split="train")
-    maps = torch.from_numpy(np.ascontiguousarray(cache.maps))
+    maps = torch.from_numpy(np.array(cache.maps))  # a private, writable copy of the memmap
     info = {"path": str(directory), "manifest_sha256": cache.manifest_sha256, "method": cache.manifest.get("method"), "n_steps": cache.manifest.get("n_steps")}
     return maps, info
 
