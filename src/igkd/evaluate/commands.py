@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", help="test or train."),
         device: str = typer.Option("auto"),
         batch_size: int = typer.Option(500),
+        corruptions: Optional[str] = typer.Option(None, help="Also evaluate under corruptions, e.g. all, jpeg:1,3 (docs/robustness.md)."),
+        seed: int = typer.Option(0, help="Seed of the random corruptions."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     ) -> None:
         """Accuracy, per-class accuracy and confusion matrix of a model on a dataset split."""
@@ -57,7 +59,59 @@ def register(app: typer.Typer) -> None:
         part = data.test if split == "test" else data.train
         report = evaluate(model.to(target), part.images, part.labels, data.classes, batch_size, target)
         report.update(checkpoint=str(path), model=meta["spec"]["name"], dataset=data.name, fingerprint=data.fingerprint, split=split)
+        if corruptions is not None:
+            from igkd.evaluate.corruptions import parse_corruption_spec
+            from igkd.evaluate.robustness import evaluate_robustness
+
+            if split != "test":
+                raise IgkdError("--corruptions evaluates the test split: drop --split train")
+            parse_corruption_spec(corruptions)  # bad names fail before any work
+            report["robustness"] = evaluate_robustness(model, data, corruptions, seed=seed, batch_size=batch_size, device=target, progress=not as_json)
         if as_json:
             print(json.dumps(report, indent=2))
         else:
             print_report(report, f"{meta['spec']['name']} on {data.name} {split}")
+            if corruptions is not None:
+                from igkd.evaluate.robustness import print_robustness
+
+                print_robustness(report["robustness"], meta["spec"]["name"])
+
+    @app.command("robustness")
+    def robustness_command(
+        checkpoints: list[Path] = typer.Argument(..., help="Model files or run folders."),
+        dataset: str = typer.Option(..., help="Dataset name."),
+        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
+        corruptions: str = typer.Option("all", help="Corruption spec: all, jpeg, jpeg:1,3;contrast:5 ... (docs/robustness.md)."),
+        seed: int = typer.Option(0, help="Seed of the random corruptions."),
+        device: str = typer.Option("auto"),
+        batch_size: int = typer.Option(500),
+        out: Optional[Path] = typer.Option(None, help="Also write the JSON results to this file."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    ) -> None:
+        """Accuracy of each model under corruptions x severities, mean corruption accuracy, relative drop."""
+        from igkd.data import load_dataset
+        from igkd.devices import resolve_device
+        from igkd.distill.run import resolve_checkpoint
+        from igkd.errors import IgkdError
+        from igkd.evaluate.corruptions import parse_corruption_spec
+        from igkd.evaluate.robustness import evaluate_robustness, print_robustness, save_robustness
+        from igkd.models import load_model
+
+        parse_corruption_spec(corruptions)
+        paths = [resolve_checkpoint(c) for c in checkpoints]
+        models = [load_model(p) for p in paths]
+        data = load_dataset(dataset, data_dir)
+        target = resolve_device(device)
+        results = []
+        for path, (model, meta) in zip(paths, models):
+            if model.num_classes != data.num_classes:
+                raise IgkdError(f"{path} predicts {model.num_classes} classes but {data.name} has {data.num_classes}")
+            result = evaluate_robustness(model.to(target), data, corruptions, seed=seed, batch_size=batch_size, device=target, progress=not as_json)
+            result.update(checkpoint=str(path), model=meta["spec"]["name"])
+            results.append(result)
+            if not as_json:
+                print_robustness(result, f"{meta['spec']['name']} ({path})")
+        if out is not None:
+            save_robustness(out, results)
+        if as_json:
+            print(json.dumps(results, indent=2))
