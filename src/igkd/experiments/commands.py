@@ -66,22 +66,259 @@ def register(app: typer.Typer) -> None:
 
     @app.command("stats")
     def stats_command(
-        csv_path: Path = typer.Option(..., "--csv", help="CSV with header method,run,accuracy (extra columns ignored)."),
+        csv_path: Optional[Path] = typer.Option(None, "--csv", help="CSV with header method,run,accuracy (extra columns ignored)."),
+        study: Optional[Path] = typer.Option(None, "--study", help="A study folder (ablation, montecarlo, sweep-cf) instead of a CSV."),
+        student: Optional[str] = typer.Option(None, help="With --study: the student to summarise (needed for a sweep of several)."),
         baseline: str = typer.Option("student", help="Method the others are compared with (case-insensitive)."),
         paired: Optional[bool] = typer.Option(
             None,
             "--paired/--unpaired",
             help="Runs with the same id share seed and subset (paired t-test, Wilcoxon) or not (Welch). "
-            "Default: paired iff every method has the same run ids.",
+            "Default: paired iff every method has the same run ids. A --study records this itself.",
         ),
         confidence: float = typer.Option(0.95, help="Confidence level of the intervals."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     ) -> None:
         """Summarise Monte Carlo accuracies per method and test the differences between methods."""
+        from igkd.errors import IgkdError
         from igkd.experiments.statistics import read_accuracy_csv, summarize
 
-        summary = summarize(read_accuracy_csv(csv_path), baseline=baseline, paired=paired, confidence=confidence)
+        if (csv_path is None) == (study is None):
+            raise IgkdError("give either --csv FILE or --study FOLDER")
+        if study is not None:
+            from igkd.experiments.studies import study_statistics
+
+            if paired is not None:
+                raise IgkdError("a study records whether its runs are paired (study.json 'paired'): drop --paired/--unpaired")
+            summary = study_statistics(study, baseline=baseline, student=student, confidence=confidence)
+        else:
+            if student is not None:
+                raise IgkdError("--student applies to --study only")
+            summary = summarize(read_accuracy_csv(csv_path), baseline=baseline, paired=paired, confidence=confidence)
         if as_json:
             print(json.dumps(summary, indent=2))
         else:
+            if study is not None:
+                notes = summary["study"]
+                print(f"study {notes['path']} ({notes['kind']}, {notes['student']}): {notes['runs_used']} of {notes['runs_planned']} runs"
+                      + (f"; left out (not finished by every method): {', '.join(notes['runs_dropped'])}" if notes["runs_dropped"] else ""))
             _print_summary(summary)
+
+    _register_studies(app)
+
+
+# -- studies ------------------------------------------------------------------------------------------
+
+DATASET_HELP = "Dataset name: digits (offline), cifar10, folder, imagenet32-cifar."
+
+
+def _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json):
+    from igkd.distill.config import load_yaml
+    from igkd.experiments.studies import StudyOptions
+
+    return StudyOptions(
+        teacher=teacher, attributions=attributions, recipe=recipe, config_values=load_yaml(config) if config else None,
+        epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, device=device,
+        agreement=agreement, robustness=robustness, progress=not as_json,
+    )
+
+
+def _print_study(study: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(study, indent=2, default=str))
+        return
+    from collections import defaultdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    groups: dict = defaultdict(list)
+    for run in study["runs"]:
+        groups[(run["student"], run["method"])].append(run)
+    table = Table(title=f"{study['kind']} study {study['path']} ({'paired' if study['paired'] else 'unpaired'} runs)")
+    for column in ("student", "params", "CF", "method", "finished", "test acc mean", "val acc mean"):
+        table.add_column(column, justify="left" if column in ("student", "method") else "right")
+    for (student, method), runs in groups.items():
+        done = [r["summary"] for r in runs if r["summary"]]
+        mean = lambda key: f"{sum(s[key] for s in done) / len(done):.2f}" if done and all(s.get(key) is not None for s in done) else "-"  # noqa: E731
+        table.add_row(student, f"{runs[0]['params']:,}", f"{runs[0]['cf']:g}", method, f"{len(done)}/{len(runs)}", mean("test_accuracy"), mean("val_accuracy"))
+    console = Console()
+    console.print(table)
+    console.print(f"per-run results: {study['path']}/results.csv; statistics: igkd stats --study {study['path']}")
+
+
+def _print_tune(study: dict, as_json: bool) -> None:
+    result = study.get("tune_result") or {}
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    best = result.get("best")
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(result.get("counts", {}).items()))
+    print(f"tune study {result.get('study_name')}: {counts or 'no trials'} (aim: {result.get('target_trials')} complete)")
+    if best:
+        shown = ", ".join(f"{'T' if k == 'temperature' else k}={v:g}" for k, v in best["params"].items())
+        print(f"best by validation accuracy: trial {best['number']} {shown}: val {best['val_accuracy']:.2f}% ({best['run_dir']})")
+    print(f"all trials: {study['path']}/tune.json")
+
+
+def _register_studies(app: typer.Typer) -> None:
+    @app.command("ablation")
+    def ablation_command(
+        dataset: str = typer.Option(..., help=DATASET_HELP),
+        out: Path = typer.Option(..., help="Study folder (created; re-run the same command to continue it)."),
+        methods: str = typer.Option("all", help="all, or a comma-separated list: student,kd,ig,kd_ig,at,kd_at,ig_at,kd_ig_at."),
+        seeds: int = typer.Option(5, help="Seeds 0..N-1 for every method (run r of each method shares seed r: paired)."),
+        student: str = typer.Option("k5", help="Student k3 ... k17."),
+        teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder (needed by kd/ig/at methods)."),
+        attributions: Optional[Path] = typer.Option(None, help="IG cache folder from 'igkd attributions compute' (needed by ig methods)."),
+        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
+        recipe: Optional[str] = typer.Option(None, help="paper (default) or improved."),
+        config: Optional[Path] = typer.Option(None, help="YAML file of training config keys (not method/seed/student/subset)."),
+        epochs: Optional[int] = typer.Option(None),
+        batch_size: Optional[int] = typer.Option(None),
+        lr: Optional[float] = typer.Option(None),
+        val_fraction: Optional[float] = typer.Option(None, help="Part of train held out for validation (default 0.1)."),
+        device: str = typer.Option("auto"),
+        agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images (agreement.json per run)."),
+        robustness: Optional[str] = typer.Option(None, help="Also evaluate each run under corruptions, e.g. all (robustness.json per run)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the study as JSON only."),
+    ) -> None:
+        """Train every method with seeds 0..N-1 on the full training split (paired by seed)."""
+        from igkd.data import load_dataset
+        from igkd.experiments.studies import run_ablation
+
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json)
+        study = run_ablation(load_dataset(dataset, data_dir, progress=not as_json), out, methods=methods, seeds=seeds, student=student, options=options)
+        _print_study(study, as_json)
+
+    @app.command("montecarlo")
+    def montecarlo_command(
+        dataset: str = typer.Option(..., help=DATASET_HELP),
+        out: Path = typer.Option(..., help="Study folder (created; re-run the same command to continue it)."),
+        methods: str = typer.Option("all", help="all, or a comma-separated list of methods."),
+        runs: int = typer.Option(10, help="Runs 0..N-1: run r of every method uses seed r and the same subset (paired)."),
+        subset: float = typer.Option(0.8, help="Stratified fraction of the training split (minus validation) per run."),
+        independent: bool = typer.Option(False, "--independent", help="Draw seed and subset per method and run (the published, unpaired design; Welch)."),
+        student: str = typer.Option("k5", help="Student k3 ... k17."),
+        teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder."),
+        attributions: Optional[Path] = typer.Option(None, help="IG cache folder (needed by ig methods)."),
+        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
+        recipe: Optional[str] = typer.Option(None, help="paper (default) or improved."),
+        config: Optional[Path] = typer.Option(None, help="YAML file of training config keys."),
+        epochs: Optional[int] = typer.Option(None),
+        batch_size: Optional[int] = typer.Option(None),
+        lr: Optional[float] = typer.Option(None),
+        val_fraction: Optional[float] = typer.Option(None),
+        device: str = typer.Option("auto"),
+        agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images."),
+        robustness: Optional[str] = typer.Option(None, help="Also evaluate each run under corruptions."),
+        as_json: bool = typer.Option(False, "--json", help="Print the study as JSON only."),
+    ) -> None:
+        """Monte Carlo: every method on N random stratified subsets, run r of each method on the same subset."""
+        from igkd.data import load_dataset
+        from igkd.experiments.studies import run_montecarlo
+
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json)
+        study = run_montecarlo(
+            load_dataset(dataset, data_dir, progress=not as_json), out, methods=methods, runs=runs, subset=subset, independent=independent,
+            student=student, options=options,
+        )
+        _print_study(study, as_json)
+
+    @app.command("sweep-cf")
+    def sweep_command(
+        dataset: str = typer.Option(..., help=DATASET_HELP),
+        out: Path = typer.Option(..., help="Study folder (created; re-run the same command to continue it)."),
+        students: str = typer.Option("all", help="all, or a comma-separated list such as k3,k5,k9,k17."),
+        methods: str = typer.Option("student,kd_ig", help="Comma-separated methods (or all)."),
+        seeds: int = typer.Option(1, help="Seeds 0..N-1 per student and method."),
+        teacher: Optional[Path] = typer.Option(None, help="Teacher model file (also the reference of the compression factor)."),
+        attributions: Optional[Path] = typer.Option(None, help="IG cache folder (needed by ig methods)."),
+        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
+        recipe: Optional[str] = typer.Option(None, help="paper (default) or improved."),
+        config: Optional[Path] = typer.Option(None, help="YAML file of training config keys."),
+        epochs: Optional[int] = typer.Option(None),
+        batch_size: Optional[int] = typer.Option(None),
+        lr: Optional[float] = typer.Option(None),
+        val_fraction: Optional[float] = typer.Option(None),
+        device: str = typer.Option("auto"),
+        agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images."),
+        robustness: Optional[str] = typer.Option(None, help="Also evaluate each run under corruptions."),
+        as_json: bool = typer.Option(False, "--json", help="Print the study as JSON only."),
+    ) -> None:
+        """Accuracy against compression factor: every student x method x seed (params and CF recorded)."""
+        from igkd.data import load_dataset
+        from igkd.experiments.studies import run_sweep
+
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json)
+        study = run_sweep(load_dataset(dataset, data_dir, progress=not as_json), out, students=students, methods=methods, seeds=seeds, options=options)
+        _print_study(study, as_json)
+
+    @app.command("tune")
+    def tune_command(
+        dataset: str = typer.Option(..., help=DATASET_HELP),
+        out: Path = typer.Option(..., help="Study folder: study.json, tune.json, runs/trial-<n>/ (and optuna.db by default)."),
+        params: Optional[str] = typer.Option(None, help="Hyper-parameters to tune: any of T,alpha,p,gamma (others keep the method's values)."),
+        method: str = typer.Option("kd_ig_at", help="The method whose hyper-parameters are tuned."),
+        sampler: str = typer.Option("grid", help="grid (every combination) or tpe (Optuna TPE, seeded)."),
+        trials: Optional[int] = typer.Option(None, help="Completed trials to aim at, all workers together (grid: default the whole grid; tpe: required)."),
+        grid_file: Optional[Path] = typer.Option(None, help="YAML: param -> list of values (or {low, high, log} for tpe)."),
+        storage: Optional[str] = typer.Option(None, help="Optuna storage URL shared by workers (default: sqlite:///OUT/optuna.db)."),
+        study_name: Optional[str] = typer.Option(None, help="Optuna study name (default: igkd-tune-<method>-<sampler>-<params>)."),
+        seed: int = typer.Option(0, help="Training seed of every trial."),
+        sampler_seed: Optional[int] = typer.Option(None, help="Sampler seed (default: --seed); give each TPE worker its own."),
+        student: str = typer.Option("k5", help="Student k3 ... k17."),
+        teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder."),
+        attributions: Optional[Path] = typer.Option(None, help="IG cache folder (needed when p > 0)."),
+        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
+        recipe: Optional[str] = typer.Option(None, help="paper (default) or improved."),
+        config: Optional[Path] = typer.Option(None, help="YAML file of training config keys."),
+        epochs: Optional[int] = typer.Option(None),
+        batch_size: Optional[int] = typer.Option(None),
+        lr: Optional[float] = typer.Option(None),
+        val_fraction: Optional[float] = typer.Option(None, help="Validation part of train: the objective (default 0.1)."),
+        device: str = typer.Option("auto"),
+        agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images."),
+        robustness: Optional[str] = typer.Option(None, help="Also evaluate each trial under corruptions."),
+        as_json: bool = typer.Option(False, "--json", help="Print tune.json only."),
+    ) -> None:
+        """Tune T, alpha, p, gamma on validation accuracy with Optuna; run it in several shells/machines to add workers."""
+        from igkd.data import load_dataset
+        from igkd.experiments.tune import run_tune
+
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json)
+        study = run_tune(
+            load_dataset(dataset, data_dir, progress=not as_json), out, method=method, params=params, sampler=sampler, trials=trials,
+            grid_file=grid_file, storage=storage, study_name=study_name, seed=seed, sampler_seed=sampler_seed, student=student, options=options,
+        )
+        _print_tune(study, as_json)
+
+    @app.command("agreement")
+    def agreement_command(
+        teacher: Path = typer.Option(..., help="Teacher model file or run folder."),
+        student: Path = typer.Option(..., help="Student model file or run folder."),
+        dataset: str = typer.Option(..., help=DATASET_HELP),
+        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
+        n: int = typer.Option(500, help="Test images (stratified by class, seeded)."),
+        steps: int = typer.Option(32, help="Integrated-gradients steps."),
+        seed: int = typer.Option(0, help="Seed of the image sample."),
+        device: str = typer.Option("auto"),
+        out: Optional[Path] = typer.Option(None, help="Also write the result to this JSON file."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    ) -> None:
+        """How well the student's IG maps agree with the teacher's: Spearman rho and top-10% pixel overlap."""
+        from igkd.atomic import atomic_write_json
+        from igkd.data import load_dataset
+        from igkd.experiments.agreement import measure_agreement
+
+        result = measure_agreement(teacher, student, load_dataset(dataset, data_dir, progress=not as_json), n=n, n_steps=steps, seed=seed, device=device)
+        if out is not None:
+            atomic_write_json(out, result)
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return
+        rho, top = result["spearman"], result["top_overlap"]
+        sd = lambda part: "-" if part["sd"] is None else f"{part['sd']:.3f}"  # noqa: E731
+        print(f"IG agreement of {result['student']['path']} with {result['teacher']['path']} on {result['n']} {result['dataset']['name']} test images ({result['n_steps']} steps):")
+        print(f"  Spearman rho    {rho['mean']:.3f} (sd {sd(rho)}, {rho['n']} images)")
+        print(f"  top-10% overlap {top['mean']:.3f} (sd {sd(top)}, {top['n']} images)")
