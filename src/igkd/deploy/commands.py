@@ -1,7 +1,282 @@
-"""CLI commands of igkd.deploy (registered by igkd.cli)."""
+"""CLI: ``igkd bench latency``, ``igkd export``, ``igkd quantize`` (registered by igkd.cli)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
+from igkd.errors import IgkdError
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in _csv(text)]
+    except ValueError:
+        raise IgkdError(f"{option} takes comma-separated whole numbers, e.g. 1,64 (got {text!r})") from None
+    if not values or min(values) < 1:
+        raise IgkdError(f"{option} needs numbers >= 1 (got {text!r})")
+    return values
+
+
+def _load_dataset(name: str, data_dir: Optional[Path]):
+    from igkd.data import load_dataset
+
+    return load_dataset(name, data_dir)
+
+
+def _classes_from_meta(meta: dict):
+    """Class names stored with a checkpoint, when its writer recorded them."""
+    for source in (meta, meta.get("meta") or {}):
+        if isinstance(source, dict) and source.get("classes"):
+            return list(source["classes"])
+    return None
+
+
+def _source_metadata(checkpoint: Path, meta: dict) -> dict:
+    from igkd import __version__
+    from igkd.provenance import sha256_file
+
+    return {
+        "igkd_version": __version__,
+        "source_checkpoint": checkpoint.name,
+        "source_sha256": sha256_file(checkpoint),
+        "source_format": meta.get("format", ""),
+    }
+
+
+def _progress(counted: bool):
+    """A progress display on stderr (stdout stays clean for --json), shown only on a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = [SpinnerColumn(), TextColumn("{task.description}")]
+    if counted:
+        columns += [BarColumn(), MofNCompleteColumn()]
+    console = Console(stderr=True)
+    return Progress(*columns, TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+
+
+def _print_latency_tables(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    machine, settings = results["machine"], results["settings"]
+    footprint = Table(title="Footprint (state-dict bytes; int8 = weights x 1 B + fp32 per-channel scales)")
+    for column in ("model", "params", "CF", "MACs", "fp32 KiB", "fp16 KiB", "int8 KiB"):
+        footprint.add_column(column, justify="left" if column == "model" else "right")
+    for row in results["models"]:
+        sizes = row["size_bytes"]
+        footprint.add_row(
+            row["label"], f"{row['params']:,}", f"{row['cf']:.2f}", f"{row['macs']:,}",
+            *(f"{sizes[d] / 1024:,.1f}" for d in ("fp32", "fp16", "int8")),
+        )
+    console.print(footprint)
+    latency = Table(
+        title=f"Latency on {machine.get('gpu') or machine['cpu_model']}, {settings['threads']} threads, "
+        f"{settings['warmup']} warm-up + {settings['repeats']} timed calls"
+    )
+    for column in ("model", "backend", "precision", "batch", "median ms", "p90 ms", "mean ms", "min ms", "ms/image", "speed-up"):
+        latency.add_column(column, justify="left" if column in ("model", "backend", "precision") else "right")
+    for m in results["measurements"]:
+        speedup = m["speedup_vs_teacher"]
+        latency.add_row(
+            m["model"], m["backend"], m["precision"], str(m["batch_size"]),
+            *(f"{m[key]:.3f}" for key in ("median_ms", "p90_ms", "mean_ms", "min_ms", "per_image_ms")),
+            f"{speedup:.2f}x" if speedup else "-",
+        )
+    console.print(latency)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to the top-level app."""
+    """Add ``bench`` (a sub-app), ``export`` and ``quantize`` to the top-level app."""
+    bench = typer.Typer(help="Measure models: latency and footprint.", no_args_is_help=True)
+    app.add_typer(bench, name="bench")
+
+    @bench.command("latency")
+    def bench_latency(
+        models: Optional[str] = typer.Option(None, "--models", help="Comma-separated names (teacher,k3,...) or 'all' [default: all, unless --checkpoint is given]."),
+        checkpoints: Optional[List[Path]] = typer.Option(None, "--checkpoint", help="A model file to measure (repeatable)."),
+        batch_sizes: str = typer.Option("1,64", "--batch-sizes", help="Comma-separated batch sizes."),
+        repeats: int = typer.Option(30, "--repeats", help="Timed calls per figure (at least 20)."),
+        warmup: int = typer.Option(5, "--warmup", help="Untimed calls before timing."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for torch and ONNX Runtime [default: torch's]."),
+        rounds: int = typer.Option(5, "--rounds", help="Interleaved rounds the repeats are split into (all models timed in each)."),
+        backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: eager, onnxruntime [default: both on CPU, eager on CUDA]."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (onnxruntime is measured on CPU only)."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON results to this file."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Write a latency-vs-CF PNG here."),
+    ) -> None:
+        """Latency (median, p90, mean, min over >= 20 warmed-up calls), parameters, MACs, sizes, CF, speed-up."""
+        import torch
+
+        from igkd.atomic import atomic_write_json
+        from igkd.deploy.export import check_destination
+        from igkd.deploy.latency import BACKENDS, MIN_REPEATS, RANDOM_INIT, benchmark_latency
+        from igkd.devices import resolve_device
+        from igkd.models import STUDENT_KS, build_model, load_model, parse_model_name
+
+        sizes = _positive_ints(batch_sizes, "--batch-sizes")
+        target = resolve_device(device)
+        chosen_backends = _csv(backends) if backends else (list(BACKENDS) if target.type == "cpu" else ["eager"])
+        for backend in chosen_backends:
+            if backend not in BACKENDS:
+                raise IgkdError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
+        if repeats < MIN_REPEATS:
+            raise IgkdError(f"--repeats {repeats} is too few for a median and p90: use at least {MIN_REPEATS}")
+        if warmup < 0 or rounds < 1 or (threads is not None and threads < 1):
+            raise IgkdError("--warmup must be >= 0, --rounds and --threads >= 1")
+        for path in (out, plot):
+            if path is not None:
+                check_destination(path)
+        names = _csv(models) if models else ([] if checkpoints else ["all"])
+        if "all" in names:
+            names = ["teacher", *(f"k{k}" for k in STUDENT_KS)]
+        entries = []
+        for name in names:
+            parse_model_name(name)
+            torch.manual_seed(0)
+            entries.append((build_model(name), RANDOM_INIT))
+        for checkpoint in checkpoints or []:
+            entries.append((load_model(checkpoint)[0], str(checkpoint)))
+        with _progress(True) as progress:
+            task = progress.add_task("measuring", total=None)
+
+            def step(description: str, done: int, total: int) -> None:
+                progress.update(task, description=description, completed=done, total=total)
+
+            results = benchmark_latency(
+                entries, batch_sizes=sizes, backends=chosen_backends, device=target,
+                warmup=warmup, repeats=repeats, rounds=rounds, threads=threads, progress=step,
+            )
+        if out is not None:
+            atomic_write_json(out, results)
+        if plot is not None:
+            from igkd.deploy.plot import plot_latency_vs_cf
+
+            plot_latency_vs_cf(results, plot)
+        if as_json:
+            print(json.dumps(results, indent=2, default=str))
+        else:
+            _print_latency_tables(results)
+
+    @app.command("export")
+    def export_command(
+        checkpoint: Path = typer.Argument(..., help="Model file (igkd .safetensors, training checkpoint .pt, reference state dict)."),
+        fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Output file [default: next to CKPT, .onnx / .torchscript.pt]."),
+        opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Check parity on a batch of this dataset's test images (default: a deterministic random batch)."),
+        data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives / is cached."),
+        tolerance: float = typer.Option(1e-4, "--tolerance", help="Max abs logit difference allowed vs eager (fp32)."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    ) -> None:
+        """Export a model to ONNX (dynamic batch, metadata) or TorchScript; refuses to write on a parity failure."""
+        from igkd.deploy.export import PARITY_BATCH, check_destination, check_format, check_opset, export_model
+        from igkd.models import load_model
+
+        fmt = check_format(fmt)
+        if fmt == "onnx":
+            check_opset(opset)
+        out = check_destination(out or checkpoint.with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt"))
+        model, meta = load_model(checkpoint)
+        batch, batch_source, classes = None, None, _classes_from_meta(meta)
+        if dataset is not None:
+            data = _load_dataset(dataset, data_dir)
+            if data.num_classes != model.num_classes:
+                raise IgkdError(f"{checkpoint} has {model.num_classes} outputs but dataset {dataset!r} has {data.num_classes} classes")
+            batch, batch_source = data.test.images[:PARITY_BATCH], f"{data.name} test images 0-{PARITY_BATCH - 1}"
+            classes = list(data.classes)
+        with _progress(False) as progress:
+            progress.add_task(f"exporting {checkpoint.name} to {fmt}")
+            report = export_model(
+                model, out, fmt, opset=opset, batch=batch, batch_source=batch_source, classes=classes,
+                metadata=_source_metadata(checkpoint, meta), tolerance=tolerance,
+            )
+        if as_json:
+            print(json.dumps(report, indent=2))
+            return
+        parity = report["parity"]
+        print(
+            f"wrote {out} ({report['bytes']:,} bytes, {fmt}{', opset ' + str(opset) if fmt == 'onnx' else ''}, dynamic batch); "
+            f"parity max |diff| {parity['max_abs_diff']:.2e} <= {parity['tolerance']:g} at batch {parity['batch_sizes']} "
+            f"on {parity['batch']}"
+        )
+
+    @app.command("quantize")
+    def quantize_command(
+        checkpoint: Path = typer.Argument(..., help="Model file to quantise."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="The model's dataset: training images calibrate, test images measure accuracy."),
+        data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives / is cached."),
+        out: Optional[Path] = typer.Option(None, "--out", help="int8 ONNX file [default: next to CKPT, .int8.onnx]."),
+        calibration_size: int = typer.Option(512, "--calibration-size", help="Training images used to calibrate activation ranges."),
+        method: str = typer.Option("minmax", "--calibration-method", help="minmax, entropy or percentile."),
+        reduce_range: bool = typer.Option(True, "--reduce-range/--no-reduce-range", help="7-bit weights: safe on x86 without VNNI; turn off for VNNI/ARM targets."),
+        max_drop: float = typer.Option(1.0, "--max-drop", help="Refuse to write if test accuracy drops more than this many points."),
+        force: bool = typer.Option(False, "--force", help="Write the int8 model even if it dropped more than --max-drop."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads [default: torch's]."),
+        repeats: int = typer.Option(20, "--repeats", help="Timed calls per latency figure (at least 20)."),
+        warmup: int = typer.Option(5, "--warmup", help="Untimed calls before timing."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the calibration subset."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    ) -> None:
+        """int8 post-training static quantisation (ONNX Runtime, QDQ, per-channel), with its accuracy and speed cost."""
+        from igkd.deploy.export import check_destination
+        from igkd.deploy.latency import MIN_REPEATS
+        from igkd.deploy.quantize import quantize_onnx
+        from igkd.models import load_model
+
+        if dataset is None:
+            raise IgkdError("--dataset is required: its training images calibrate the int8 ranges and its test images measure the accuracy cost")
+        if repeats < MIN_REPEATS:
+            raise IgkdError(f"--repeats {repeats} is too few for a median and p90: use at least {MIN_REPEATS}")
+        out = check_destination(out or checkpoint.with_suffix(".int8.onnx"))
+        model, meta = load_model(checkpoint)
+        data = _load_dataset(dataset, data_dir)
+        with _progress(False) as progress:
+            task = progress.add_task("quantising")
+            report = quantize_onnx(
+                model, data, out, calibration_size=calibration_size, max_drop=max_drop, force=force,
+                method=method, reduce_range=reduce_range, warmup=warmup, repeats=repeats, threads=threads,
+                seed=seed, metadata=_source_metadata(checkpoint, meta),
+                progress=lambda description: progress.update(task, description=description),
+            )
+        if as_json:
+            print(json.dumps(report, indent=2, default=str))
+            return
+        _print_quantization(report)
+
+
+def _print_quantization(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['model']} on {report['dataset']} ({report['test_images']} test images), ONNX Runtime CPU, {report['threads']} threads")
+    batches = list(report["fp32"]["latency"])
+    for column in ("", "test accuracy %", "file bytes", *(f"batch {b} median ms" for b in batches)):
+        table.add_column(column, justify="left" if not column else "right")
+    for name in ("fp32", "int8"):
+        variant = report[name]
+        table.add_row(
+            name, f"{variant['accuracy']:.2f}", f"{variant['bytes']:,}",
+            *(f"{variant['latency'][b]['median_ms']:.3f}" for b in batches),
+        )
+    console = Console()
+    console.print(table)
+    calibration = report["calibration"]
+    console.print(
+        f"int8 accuracy drop {report['accuracy_drop_points']:.2f} points (limit {report['max_drop']:g}"
+        f"{', forced' if report['forced'] else ''}); file {report['size_ratio']:.2f}x smaller; int8 speed-up "
+        + ", ".join(f"{ratio:.2f}x at batch {b}" for b, ratio in report["int8_speedup"].items())
+        + "; "
+        f"calibrated on {calibration['images']} training images ({calibration['method']}, seed {calibration['seed']})"
+    )
+    console.print(f"wrote {report['out']}")
