@@ -58,7 +58,10 @@ def register(app: typer.Typer) -> None:
         target = resolve_device(device)
         part = data.test if split == "test" else data.train
         report = evaluate(model.to(target), part.images, part.labels, data.classes, batch_size, target)
-        report.update(checkpoint=str(path), model=meta["spec"]["name"], dataset=data.name, fingerprint=data.fingerprint, split=split)
+        from igkd.provenance import environment, sha256_file
+
+        report.update(checkpoint=str(path), checkpoint_sha256=sha256_file(path), model=meta["spec"]["name"], dataset=data.name,
+                      fingerprint=data.fingerprint, source=data.source, split=split, environment=environment(target))
         if corruptions is not None:
             from igkd.evaluate.corruptions import parse_corruption_spec
             from igkd.evaluate.robustness import evaluate_robustness

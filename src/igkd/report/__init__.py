@@ -1,1 +1,1 @@
-"""igkd.report"""
+"""igkd.report: figures and the markdown study report."""
