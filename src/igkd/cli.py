@@ -26,6 +26,7 @@ _STAGES = (
     "igkd.deploy.commands",
     "igkd.experiments.commands",
     "igkd.report.commands",
+    "igkd.demo",
 )
 
 
