@@ -30,6 +30,6 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move to device in channels_last layout: faster convolutions on CUDA (tensor cores) and on
-    CPU too (measured 1.3-2.4x for the training step of k5 / the teacher on the 2-core CPU)."""
+    """Move to device in channels_last layout: faster convolutions on CUDA (tensor cores), and on
+    the CPU for training too (benchmarks/train_throughput.py times igkd's step in this layout)."""
     return model.to(device).to(memory_format=torch.channels_last)

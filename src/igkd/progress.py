@@ -5,7 +5,18 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.text import Text
 
 
@@ -41,20 +52,20 @@ class _Bar:
 
 @contextlib.contextmanager
 def progress_bar(total: int, description: str, unit: str = "img", enabled: bool = True) -> Iterator[_Bar]:
-    """``with progress_bar(n, "epoch 1") as bar: bar.advance(1, items=batch_size)``."""
-    if not enabled:
+    """``with progress_bar(n, "epoch 1") as bar: bar.advance(1, items=batch_size)``.
+
+    Drawn on stderr and only on a terminal, so stdout stays clean for ``--json``. ``unit="bytes"`` shows sizes and
+    transfer speed (downloads) instead of a count and a rate.
+    """
+    console = Console(stderr=True)
+    if not (enabled and console.is_terminal):  # no bar in logs and pipes: metrics and summaries carry the numbers
         yield _Bar(None, None)
         return
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(unit),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    )
-    with progress:
-        task = progress.add_task(description, total=total, items=0, status="")
+    if unit == "bytes":
+        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    else:
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total or None, items=0, status="")
         yield _Bar(progress, task)

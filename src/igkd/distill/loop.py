@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -285,7 +286,7 @@ class Trainer:
         if self.reference_teacher is not None and self.teacher_test is None:
             self.teacher_test = self.dataset_accuracy(self.reference_teacher)
             if self.show_progress and self.dist.is_main:
-                print(f"teacher test accuracy: {self.teacher_test:.2f}%")
+                print(f"teacher test accuracy: {self.teacher_test:.2f}%", file=sys.stderr)
         started = time.perf_counter()
         epoch_time = 0.0
         for epoch in range(self.start_epoch, config.epochs + 1):
@@ -321,6 +322,10 @@ class Trainer:
             wall = self.wall_before + time.perf_counter() - started
             if self.dist.is_main:
                 append_jsonl(self.out / METRICS, record)
+                if self.show_progress:
+                    val_text = "-" if record["val_accuracy"] is None else f"{record['val_accuracy']:.2f}%"
+                    print(f"epoch {epoch}/{config.epochs}: loss {record['train_loss']:.4f}, train {record['train_accuracy']:.2f}%, "
+                          f"val {val_text}, {record['images_per_s']:,.0f} img/s", file=sys.stderr)
             self._save_checkpoint(epoch, wall)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch, record)

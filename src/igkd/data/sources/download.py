@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 
 from igkd.atomic import atomic_open
-from igkd.data.sources.progress import progress_bar
+from igkd.progress import progress_bar
 from igkd.errors import IgkdError
 
 
@@ -24,11 +24,11 @@ def download_file(url: str, dest: Path, *, md5: str | None = None, progress: boo
     try:
         with urllib.request.urlopen(url, timeout=60) as response, atomic_open(dest, "wb") as handle:
             total = int(response.headers.get("Content-Length") or 0)
-            with progress_bar(total, f"downloading {dest.name}", enabled=progress, unit="bytes") as advance:
+            with progress_bar(total, f"downloading {dest.name}", enabled=progress, unit="bytes") as bar:
                 while block := response.read(1 << 20):
                     handle.write(block)
                     digest.update(block)
-                    advance(len(block))
+                    bar.advance(len(block))
             if md5 is not None and digest.hexdigest() != md5:
                 raise IgkdError(
                     f"the download from {url} has md5 {digest.hexdigest()}, expected {md5}: "

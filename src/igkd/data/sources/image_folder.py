@@ -30,7 +30,7 @@ import torch
 from igkd.data.dataset import Dataset, ImageSet, content_fingerprint
 from igkd.data.sources.cache import cache_root, read_arrays, write_arrays
 from igkd.data.sources.file_tree import FileTree, open_tree
-from igkd.data.sources.progress import progress_bar
+from igkd.progress import progress_bar
 from igkd.errors import IgkdError
 
 NAME = "folder"
@@ -138,23 +138,23 @@ def decode_layout(tree: FileTree, layout: Layout, *, progress: bool = True) -> d
     workers = decode_workers() if len(names) >= POOL_MIN_IMAGES else 1
     description = f"decoding {tree.path.name}"
     if workers == 1:
-        with progress_bar(len(names), description, enabled=progress) as advance:
+        with progress_bar(len(names), description, enabled=progress) as bar:
             for start, stop in chunks:
                 images[start:stop] = decode_images(list(islice(blobs, stop - start)), where[start:stop], size)
-                advance(stop - start)
+                bar.advance(stop - start, items=stop - start)
     else:
         executor = _process_pool(workers)
         try:
             executor.submit(int).result()  # start the workers before the progress bar starts its thread
             pending: collections.deque[tuple[int, int, Future]] = collections.deque()
-            with progress_bar(len(names), description, enabled=progress) as advance:
+            with progress_bar(len(names), description, enabled=progress) as bar:
                 for start, stop in chunks:
                     batch = list(islice(blobs, stop - start))
                     pending.append((start, stop, executor.submit(decode_images, batch, where[start:stop], size)))
                     while len(pending) > 2 * workers or (pending and stop == len(names)):
                         done_start, done_stop, future = pending.popleft()
                         images[done_start:done_stop] = future.result()
-                        advance(done_stop - done_start)
+                        bar.advance(done_stop - done_start, items=done_stop - done_start)
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
     n_train = len(layout.files["train"])

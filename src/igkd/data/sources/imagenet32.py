@@ -23,7 +23,7 @@ import torch
 
 from igkd.data.dataset import Dataset, ImageSet, content_fingerprint
 from igkd.data.sources.cifar10 import CLASSES as CIFAR10_CLASSES
-from igkd.data.sources.progress import progress_bar
+from igkd.progress import progress_bar
 from igkd.data.sources.safe_pickle import load_pickled_dict
 from igkd.errors import IgkdError
 
@@ -72,10 +72,10 @@ def load(
     lookup = _label_lookup(map_path)
     train_paths = [path for path in (_find(root, name) for name in TRAIN_FILES) if path is not None]
     parts = {"train": [], "test": []}
-    with progress_bar(len(train_paths) + 1, f"filtering {NAME}", enabled=progress, unit="file") as advance:
+    with progress_bar(len(train_paths) + 1, f"filtering {NAME}", enabled=progress, unit="file") as bar:
         for split, path in [("test", val_path)] + [("train", path) for path in train_paths]:
             parts[split].append(_filtered_batch(path, lookup, map_path))
-            advance(1)
+            bar.advance(1, items=1)
     train, test = (_concat(parts[split]) for split in ("train", "test"))
     fingerprint = content_fingerprint(train.images, train.labels, test.images, test.labels, extra=NAME)
     return Dataset(NAME, CIFAR10_CLASSES, train, test, fingerprint, source=str(root))
