@@ -36,7 +36,10 @@ from igkd.atomic import atomic_write_json
 from igkd.attribution.engine import default_max_batch
 from igkd.attribution.maps import REDUCTIONS, reduce_map
 from igkd.attribution.methods import get_method, method_parameters, run_method
+from igkd.devices import resolve_device
 from igkd.errors import IgkdError
+from igkd.progress import progress_bar
+from igkd.provenance import environment, sha256_file
 
 FORMAT = "igkd-attributions"
 FORMAT_VERSION = 1
@@ -75,12 +78,6 @@ def model_state_sha256(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    from igkd.provenance import sha256_file
-
-    return sha256_file(path)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -158,7 +155,7 @@ def open_attributions(
     if mismatch:
         raise IgkdError(f"attribution cache {directory} was built for {mismatch}: {REBUILD_HINT}")
     maps = _open_maps(directory, manifest)
-    if verify and _sha256_file(directory / MAPS_FILE) != manifest.get("maps_sha256"):
+    if verify and sha256_file(directory / MAPS_FILE) != manifest.get("maps_sha256"):
         raise IgkdError(f"attribution maps {directory / MAPS_FILE} do not match the sha256 in the manifest (damaged file): {REBUILD_HINT}")
     return AttributionCache(directory, maps, manifest, hashlib.sha256(raw).hexdigest())
 
@@ -277,16 +274,14 @@ def compute_attributions(
     for anything else is refused unless ``force``, which rebuilds. ``on_chunk(done, total)``
     is called after each chunk is committed.
     """
-    from igkd.devices import resolve_device
-    from igkd.progress import progress_bar
-    from igkd.provenance import environment
-
     if reduction not in REDUCTIONS:
         raise IgkdError(f"unknown reduction {reduction!r}: use one of {', '.join(REDUCTIONS)}")
     if target not in TARGETS:
         raise IgkdError(f"unknown target {target!r}: use label or predicted")
     if not isinstance(baseline, str):
         raise IgkdError("cached attributions take a named baseline (black, mean or blur)")
+    if chunk_size is not None and chunk_size < 1:
+        raise IgkdError(f"chunk size must be >= 1, got {chunk_size}")
     shared = {"n_steps": n_steps, "baseline": baseline, "rule": rule}
     defaults = get_method(method).defaults
     params = method_parameters(method, **{k: v for k, v in shared.items() if k in defaults}, **(method_options or {}))
@@ -308,12 +303,10 @@ def compute_attributions(
             raise IgkdError(f"attribution cache {directory} was built for {mismatch}: {REBUILD_HINT}")
         if existing.get("complete") is True:
             return dataclasses.replace(open_attributions(directory, expect=identity), reused=True)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     state = None if force else _resumable(directory, identity)
     if state is None:
         _remove_outputs(directory)
-        device = resolve_device(device) if not isinstance(device, torch.device) else device
-        if chunk_size is not None and chunk_size < 1:
-            raise IgkdError(f"chunk size must be >= 1, got {chunk_size}")
         chunk = chunk_size or DEFAULT_CHUNK["cuda" if device.type == "cuda" else "cpu"]
         state = {"identity": identity, "chunk_size": chunk, "n_chunks": -(-n // chunk), "done": 0, "precision": None, "stats": [], "elapsed_s": 0.0, "sessions": 0}
         atomic_write_json(directory / MANIFEST_FILE, {**identity, "chunk_size": chunk, "complete": False})
@@ -321,7 +314,6 @@ def compute_attributions(
         atomic_write_json(directory / PROGRESS_FILE, state)
     else:
         _remove_temporaries(directory)
-        device = resolve_device(device) if not isinstance(device, torch.device) else device
     state["sessions"] += 1
 
     model = model.to(device)
@@ -358,7 +350,7 @@ def compute_attributions(
         "max_batch": max_batch or default_max_batch(device, height, width),
         "completeness": _completeness(state["stats"]) if get_method(method).has_delta else None,
         "maps_file": MAPS_FILE,
-        "maps_sha256": _sha256_file(directory / MAPS_FILE),
+        "maps_sha256": sha256_file(directory / MAPS_FILE),
         "environment": environment(device),
         "wall_s": round(wall, 3),
         "images_per_s": round(n / wall, 2) if wall > 0 else None,

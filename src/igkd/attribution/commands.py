@@ -13,15 +13,6 @@ from igkd.errors import IgkdError
 DATASET_HELP = "Dataset name: cifar10, folder, digits or imagenet32-cifar."
 
 
-def _teacher_file(path: Path) -> Path:
-    """A model file, or a finished run folder holding model.safetensors."""
-    if path.is_dir() and (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
-    if not path.is_file():
-        raise IgkdError(f"teacher checkpoint {path} does not exist (pass a model file or a run folder with model.safetensors)")
-    return path
-
-
 def _summary_line(cache) -> str:
     m = cache.manifest
     params = ", ".join(f"{k}={m[k]}" for k in ("n_steps", "rule", "baseline", "nt_samples", "n_samples", "stdevs", "seed") if k in m)
@@ -67,11 +58,9 @@ def register(app: typer.Typer) -> None:
         """Compute the teacher's maps for every image of a split, in dataset index order; resume or reuse when possible."""
         from igkd.attribution.cache import compute_attributions
         from igkd.data import load_dataset
-        from igkd.models import load_model
-        from igkd.provenance import sha256_file
+        from igkd.distill.run import load_teacher
 
-        teacher = _teacher_file(teacher)
-        model, _ = load_model(teacher)
+        model, teacher_info = load_teacher(teacher)  # a model file or a run folder; sha256 of the file
         data = load_dataset(dataset, data_dir, progress=not as_json)
         options = {}
         if samples is not None:
@@ -93,7 +82,7 @@ def register(app: typer.Typer) -> None:
             max_batch=max_batch,
             precision=precision,
             device=device,
-            teacher_sha256=sha256_file(teacher),
+            teacher_sha256=teacher_info["sha256"],
             force=force,
             progress=not as_json,
         )

@@ -127,11 +127,8 @@ def integrated_gradients(
     n_steps: int = 50,
     rule: str = "gausslegendre",
     *,
-    max_batch: int | None = None,
-    precision: str = "auto",
-    channels_last: bool | None = None,
-    blur_sigma: float = DEFAULT_BLUR_SIGMA,
     return_delta: bool = False,
+    **options,
 ):
     """Integrated gradients of ``model``'s output for ``target`` w.r.t. ``inputs`` [B, 3, H, W] in [0, 1].
 
@@ -143,22 +140,13 @@ def integrated_gradients(
     ``max_batch``: interpolated samples per forward/backward pass (Captum's
     ``internal_batch_size``); default from the device's memory budget.
     ``precision``: ``auto`` (bf16 on CUDA when completeness allows, else fp32), ``fp32``, ``bf16``.
-    ``channels_last``: default on CUDA only.
+    ``channels_last``: default on CUDA only. ``blur_sigma``, ``max_batch``, ``precision`` and
+    ``channels_last`` are keyword ``options`` for :func:`integrated_gradients_attribution`.
 
     Returns attributions shaped like ``inputs`` (fp32), and with ``return_delta`` also the
     per-sample completeness error sum(attributions) - (F_t(x) - F_t(x')).
     """
     result = integrated_gradients_attribution(
-        model,
-        inputs,
-        target,
-        baseline=baseline,
-        n_steps=n_steps,
-        rule=rule,
-        max_batch=max_batch,
-        precision=precision,
-        channels_last=channels_last,
-        blur_sigma=blur_sigma,
-        with_delta=return_delta,
+        model, inputs, target, baseline=baseline, n_steps=n_steps, rule=rule, with_delta=return_delta, **options
     )
     return (result.values, result.delta) if return_delta else result.values

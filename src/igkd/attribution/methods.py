@@ -78,6 +78,18 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+def _sampling_setup(model, inputs, target, method: str, count_name: str, count: int, options: dict):
+    """What smoothgrad and gradient_shap start with: checks, then (device, fp32 inputs on it, class indices)."""
+    check_inputs(inputs)
+    if count < 1:
+        raise IgkdError(f"{method} needs {count_name} >= 1, got {count}")
+    device = model_device(model)
+    x = inputs.detach().to(device, torch.float32)
+    with input_gradient_mode(model):
+        targets = target_indices(model, x, target, options.get("max_batch") or default_max_batch(device, *x.shape[-2:]))
+    return device, x, targets
+
+
 def smoothgrad(
     model,
     inputs,
@@ -92,15 +104,9 @@ def smoothgrad(
     blur_sigma: float = DEFAULT_BLUR_SIGMA,
     **options,
 ) -> Attribution:
-    check_inputs(inputs)
-    if nt_samples < 1:
-        raise IgkdError(f"smoothgrad needs nt_samples >= 1, got {nt_samples}")
-    device = model_device(model)
-    x = inputs.detach().to(device, torch.float32)
+    device, x, targets = _sampling_setup(model, inputs, target, "smoothgrad", "nt_samples", nt_samples, options)
     n = x.shape[0]
-    with input_gradient_mode(model):
-        targets = target_indices(model, x, target, options.get("max_batch") or default_max_batch(device, *x.shape[-2:]))
-        base = make_baseline(model, x, baseline, blur_sigma)
+    base = make_baseline(model, x, baseline, blur_sigma)
     noise = torch.randn((n * nt_samples, *x.shape[1:]), generator=_generator(seed, device), device=device) * stdevs
     noisy = x.repeat_interleave(nt_samples, 0) + noise
     result = integrated_gradients_attribution(
@@ -163,29 +169,19 @@ def gradient_shap(
     blur_sigma: float = DEFAULT_BLUR_SIGMA,
     **options,
 ) -> Attribution:
-    check_inputs(inputs)
-    if n_samples < 1:
-        raise IgkdError(f"gradient_shap needs n_samples >= 1, got {n_samples}")
-    device = model_device(model)
-    x = inputs.detach().to(device, torch.float32)
+    device, x, targets = _sampling_setup(model, inputs, target, "gradient_shap", "n_samples", n_samples, options)
     n = x.shape[0]
     generator = _generator(seed, device)
-    with input_gradient_mode(model):
-        targets = target_indices(model, x, target, options.get("max_batch") or default_max_batch(device, *x.shape[-2:]))
-        if isinstance(baseline, torch.Tensor) and baseline.ndim == 4:
-            distribution = baseline.to(device, torch.float32)
-            index = torch.randint(distribution.shape[0], (n * n_samples,), generator=generator, device=device)
-            baselines = distribution[index]
-        else:
-            baselines = make_baseline(model, x, baseline, blur_sigma).repeat_interleave(n_samples, 0)
+    if isinstance(baseline, torch.Tensor) and baseline.ndim == 4:
+        distribution = baseline.to(device, torch.float32)
+        index = torch.randint(distribution.shape[0], (n * n_samples,), generator=generator, device=device)
+        baselines = distribution[index]
+    else:
+        baselines = make_baseline(model, x, baseline, blur_sigma).repeat_interleave(n_samples, 0)
     noise = torch.randn((n * n_samples, *x.shape[1:]), generator=generator, device=device) * stdevs
     alphas = torch.rand(n * n_samples, generator=generator, device=device)
     result = gradient_shap_from_draws(model, x, targets, baselines, noise, alphas, **options)
     return Attribution(result.values.to(inputs.device), result.delta.to(inputs.device), result.precision)
-
-
-def _ig(model, inputs, target, **params) -> Attribution:
-    return integrated_gradients_attribution(model, inputs, target, **params)
 
 
 @dataclass(frozen=True)
@@ -205,7 +201,7 @@ _IG_DEFAULTS = {"n_steps": 50, "baseline": "black", "rule": "gausslegendre", "bl
 ATTRIBUTION_METHODS: dict[str, AttributionMethod] = {
     m.name: m
     for m in (
-        AttributionMethod("ig", _ig, dict(_IG_DEFAULTS), True, "integrated gradients"),
+        AttributionMethod("ig", integrated_gradients_attribution, dict(_IG_DEFAULTS), True, "integrated gradients"),
         AttributionMethod("saliency", saliency, {}, False, "|gradient| (Captum Saliency, abs=True)"),
         AttributionMethod("input_x_gradient", input_x_gradient, {}, False, "input * gradient"),
         AttributionMethod(
