@@ -1,7 +1,6 @@
 """Studies: balanced run order, resume without re-running, pairing, CF, statistics from the study, agreement."""
 
 import json
-import sys
 
 import pytest
 import torch
@@ -230,12 +229,6 @@ def test_study_extras_agreement_and_robustness(tiny_dataset, teacher_file, tmp_p
     assert study["extras"]["agreement"] == {"n": 8, "n_steps": 4}
 
 
-def test_robustness_hook_says_when_unavailable(tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "igkd.evaluate.robustness", None)
-    with pytest.raises(IgkdError, match="not available yet"):
-        run_ablation(tiny_dataset, tmp_path / "s", methods="student", seeds=1, student="k17", robustness="all", **FAST)
-
-
 def test_cli_ablation_stats_and_agreement(tiny_dataset, teacher_file, tmp_path, monkeypatch, capsys):
     import igkd.data
     from igkd.cli import app, main
@@ -265,3 +258,20 @@ def test_cli_ablation_stats_and_agreement(tiny_dataset, teacher_file, tmp_path, 
     with pytest.raises(SystemExit):
         main(["stats", "--study", str(tmp_path / "s"), "--paired"])
     assert "records whether its runs are paired" in capsys.readouterr().err
+
+
+def test_agreement_cache_computes_the_teacher_maps_once(tiny_dataset, teacher_file, tmp_path, monkeypatch):
+    from igkd.experiments import agreement
+
+    torch.manual_seed(1)
+    save_model(tmp_path / "student.safetensors", build_model("k17", num_classes=4))
+    args = dict(n=8, n_steps=4, device="cpu")
+    plain = agreement.measure_agreement(teacher_file, tmp_path / "student.safetensors", tiny_dataset, **args)
+    calls, real = [], agreement.ig_maps_batched
+    monkeypatch.setattr(agreement, "ig_maps_batched", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache: dict = {}
+    first = agreement.measure_agreement(teacher_file, tmp_path / "student.safetensors", tiny_dataset, cache=cache, **args)
+    second = agreement.measure_agreement(teacher_file, tmp_path / "student.safetensors", tiny_dataset, cache=cache, **args)
+    assert len(calls) == 3  # teacher + student, then the student only
+    for key in ("spearman", "top_overlap", "teacher", "student"):
+        assert plain[key] == first[key] == second[key]

@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
             raise IgkdError(f"unknown split {split!r}: use test or train")
         path = resolve_checkpoint(checkpoint)
         model, meta = load_model(path)
-        data = load_dataset(dataset, data_dir)
+        data = load_dataset(dataset, data_dir, progress=not as_json)
         if model.num_classes != data.num_classes:
             raise IgkdError(f"{path} predicts {model.num_classes} classes but {data.name} has {data.num_classes}")
         target = resolve_device(device)
@@ -97,21 +97,22 @@ def register(app: typer.Typer) -> None:
         from igkd.distill.run import resolve_checkpoint
         from igkd.errors import IgkdError
         from igkd.evaluate.corruptions import parse_corruption_spec
-        from igkd.evaluate.robustness import evaluate_robustness, print_robustness, save_robustness
+        from igkd.evaluate.robustness import evaluate_robustness_models, print_robustness, save_robustness
         from igkd.models import load_model
 
         parse_corruption_spec(corruptions)
         paths = [resolve_checkpoint(c) for c in checkpoints]
         models = [load_model(p) for p in paths]
-        data = load_dataset(dataset, data_dir)
-        target = resolve_device(device)
-        results = []
-        for path, (model, meta) in zip(paths, models):
+        data = load_dataset(dataset, data_dir, progress=not as_json)
+        for path, (model, _) in zip(paths, models):  # every model checked before any work
             if model.num_classes != data.num_classes:
                 raise IgkdError(f"{path} predicts {model.num_classes} classes but {data.name} has {data.num_classes}")
-            result = evaluate_robustness(model.to(target), data, corruptions, seed=seed, batch_size=batch_size, device=target, progress=not as_json)
+        target = resolve_device(device)
+        results = evaluate_robustness_models(
+            [model.to(target) for model, _ in models], data, corruptions, seed=seed, batch_size=batch_size, device=target, progress=not as_json
+        )
+        for path, (_, meta), result in zip(paths, models, results):
             result.update(checkpoint=str(path), model=meta["spec"]["name"])
-            results.append(result)
             if not as_json:
                 print_robustness(result, f"{meta['spec']['name']} ({path})")
         if out is not None:

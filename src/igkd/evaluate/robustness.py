@@ -1,7 +1,7 @@
 """Accuracy under common corruptions (CIFAR-10-C style), generated on the fly from the clean test set.
 
 Each corrupted copy of the test split is built once per (dataset fingerprint,
-corruption, severity, seed) and cached as a ``.npy`` file, so evaluating many
+corruption, severity, and seed for the noises) and cached as a ``.npy`` file, so evaluating many
 checkpoints on the same data decodes/encodes JPEG and draws noise only once.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from igkd.atomic import atomic_open
 from igkd.evaluate.accuracy import evaluate
-from igkd.evaluate.corruptions import corrupt, parse_corruption_spec
+from igkd.evaluate.corruptions import CORRUPTIONS, corrupt, parse_corruption_spec
 from igkd.progress import progress_bar
 
 CACHE_VERSION = 1
@@ -26,7 +26,8 @@ def corrupted_test_images(dataset, name: str, severity: int, seed: int = 0, cach
         return dataset.test.images
     from igkd.data.sources.cache import cache_root
 
-    path = cache_root(cache_dir) / "corrupted" / f"{dataset.fingerprint}-{name}-s{severity}-seed{seed}-v{CACHE_VERSION}.npy"
+    seeded = f"-seed{seed}" if CORRUPTIONS[name].random else ""  # only the noises depend on the seed
+    path = cache_root(cache_dir) / "corrupted" / f"{dataset.fingerprint}-{name}-s{severity}{seeded}-v{CACHE_VERSION}.npy"
     if path.is_file():
         try:
             return torch.from_numpy(np.load(path, allow_pickle=False))
@@ -44,15 +45,25 @@ def corrupted_test_images(dataset, name: str, severity: int, seed: int = 0, cach
 
 def evaluate_robustness(model, dataset, spec: str = "all", *, seed: int = 0, batch_size: int = 500, device=None, cache_dir=None, progress: bool = False) -> dict:
     """Clean accuracy, accuracy per corruption x severity, mean corruption accuracy, relative drop."""
+    return evaluate_robustness_models([model], dataset, spec, seed=seed, batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress)[0]
+
+
+def evaluate_robustness_models(models, dataset, spec: str = "all", *, seed: int = 0, batch_size: int = 500, device=None, cache_dir=None, progress: bool = False) -> list[dict]:
+    """:func:`evaluate_robustness` of several models, each corrupted test set built (or read) once for all of them."""
     items = [(name, sev) for name, sev in parse_corruption_spec(spec) if sev > 0]
-    clean = evaluate(model, dataset.test.images, dataset.test.labels, dataset.classes, batch_size, device)["accuracy"]
-    table: dict[str, dict[str, float]] = {}
+    labels, classes = dataset.test.labels, dataset.classes
+    cleans = [evaluate(model, dataset.test.images, labels, classes, batch_size, device)["accuracy"] for model in models]
+    tables: list[dict[str, dict[str, float]]] = [{} for _ in models]
     with progress_bar(len(items), "corruptions", unit="set", enabled=progress) as bar:
         for name, severity in items:
             images = corrupted_test_images(dataset, name, severity, seed, cache_dir)
-            acc = evaluate(model, images, dataset.test.labels, dataset.classes, batch_size, device)["accuracy"]
-            table.setdefault(name, {})[str(severity)] = acc
+            for model, table in zip(models, tables):
+                table.setdefault(name, {})[str(severity)] = evaluate(model, images, labels, classes, batch_size, device)["accuracy"]
             bar.advance(1, items=1)
+    return [_summary(clean, table, dataset, spec, seed) for clean, table in zip(cleans, tables)]
+
+
+def _summary(clean: float, table: dict, dataset, spec: str, seed: int) -> dict:
     per_corruption = {name: float(np.mean(list(levels.values()))) for name, levels in table.items()}
     values = [acc for levels in table.values() for acc in levels.values()]
     mean_acc = float(np.mean(values)) if values else None

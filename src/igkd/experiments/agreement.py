@@ -78,6 +78,25 @@ def _mean_sd(values: list[float]) -> dict:
     }
 
 
+def ig_maps_batched(model: torch.nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, n_steps: int, device, batch: int = 100) -> torch.Tensor:
+    """:func:`ig_maps` of every image, ``batch`` images at a time (maps [N, H, W], in image order)."""
+    parts = [ig_maps(model, images_uint8[i : i + batch], labels[i : i + batch], n_steps, device) for i in range(0, len(labels), batch)]
+    return torch.cat(parts) if parts else torch.empty(0, *images_uint8.shape[2:])
+
+
+def maps_agreement(teacher_maps: torch.Tensor, student_maps: torch.Tensor, images_uint8: torch.Tensor, top_fraction: float = TOP_FRACTION) -> dict:
+    """Mean/sd over images of Spearman rho and top-``top_fraction`` overlap between two aligned sets of maps."""
+    rhos, overlaps = [], []
+    informative = (images_uint8 > 0).any(1).numpy()  # [N, H, W]: not black in every channel
+    for t_map, s_map, mask in zip(teacher_maps.numpy(), student_maps.numpy(), informative):
+        rho, overlap = map_agreement(s_map, t_map, mask, top_fraction)
+        if rho is not None:
+            rhos.append(rho)
+        if overlap is not None:
+            overlaps.append(overlap)
+    return {"spearman": _mean_sd(rhos), "top_overlap": _mean_sd(overlaps)}
+
+
 def model_agreement(
     teacher: torch.nn.Module,
     student: torch.nn.Module,
@@ -90,19 +109,9 @@ def model_agreement(
     batch: int = 100,
 ) -> dict:
     """Mean/sd over images of Spearman rho and top-``top_fraction`` overlap between the two models' IG maps."""
-    rhos, overlaps = [], []
-    for start in range(0, len(labels), batch):
-        part = slice(start, start + batch)
-        t_maps = ig_maps(teacher, images_uint8[part], labels[part], n_steps, device).numpy()
-        s_maps = ig_maps(student, images_uint8[part], labels[part], n_steps, device).numpy()
-        informative = (images_uint8[part] > 0).any(1).numpy()  # [B, H, W]: not black in every channel
-        for t_map, s_map, mask in zip(t_maps, s_maps, informative):
-            rho, overlap = map_agreement(s_map, t_map, mask, top_fraction)
-            if rho is not None:
-                rhos.append(rho)
-            if overlap is not None:
-                overlaps.append(overlap)
-    return {"spearman": _mean_sd(rhos), "top_overlap": _mean_sd(overlaps)}
+    t_maps = ig_maps_batched(teacher, images_uint8, labels, n_steps, device, batch)
+    s_maps = ig_maps_batched(student, images_uint8, labels, n_steps, device, batch)
+    return maps_agreement(t_maps, s_maps, images_uint8, top_fraction)
 
 
 def measure_agreement(
@@ -114,25 +123,44 @@ def measure_agreement(
     n_steps: int = DEFAULT_STEPS,
     seed: int = 0,
     device: str = "auto",
+    cache: dict | None = None,
 ) -> dict:
-    """Agreement of the student's IG maps with the teacher's on ``n`` stratified test images (a JSON-able dict)."""
+    """Agreement of the student's IG maps with the teacher's on ``n`` stratified test images (a JSON-able dict).
+
+    ``cache``: a dict kept by the caller across calls (a study's runs share one teacher):
+    the teacher's record and IG maps are computed once per teacher file, images and steps.
+    """
     from igkd.devices import resolve_device
     from igkd.distill.run import resolve_checkpoint
     from igkd.models import load_model
     from igkd.provenance import environment, sha256_file
 
     target = resolve_device(device)
-    models = {}
-    for role, path in (("teacher", teacher_path), ("student", student_path)):
+
+    def load(role: str, path):
         path = resolve_checkpoint(path)
         model, meta = load_model(path)
         if model.num_classes != dataset.num_classes:
             raise IgkdError(f"{role} {path} predicts {model.num_classes} classes but dataset {dataset.name} has {dataset.num_classes}")
-        models[role] = (model, {"path": str(path), "sha256": sha256_file(path), "model": meta["spec"]["name"]})
+        return model, {"path": str(path), "sha256": sha256_file(path), "model": meta["spec"]["name"]}
+
     indices = sample_test_indices(dataset.test.labels, n, seed)
-    result = model_agreement(
-        models["teacher"][0], models["student"][0], dataset.test.images[indices], dataset.test.labels[indices], n_steps=n_steps, device=target
-    )
+    images, labels = dataset.test.images[indices], dataset.test.labels[indices]
+    teacher_file = resolve_checkpoint(teacher_path)
+    stat = teacher_file.stat()
+    key = (str(teacher_file.resolve()), stat.st_size, stat.st_mtime_ns, dataset.fingerprint, n, seed, n_steps, str(target))
+    cached = cache.get(key) if cache is not None else None
+    teacher = None
+    if cached is None:
+        teacher, teacher_info = load("teacher", teacher_file)
+    student, student_info = load("student", student_path)  # both checked before any IG work
+    if cached is None:
+        cached = (teacher_info, ig_maps_batched(teacher, images, labels, n_steps, target))
+        if cache is not None:
+            cache.clear()  # one teacher per study: keep only the latest maps
+            cache[key] = cached
+    teacher_info, teacher_maps = cached
+    result = maps_agreement(teacher_maps, ig_maps_batched(student, images, labels, n_steps, target), images)
     return {
         "n": int(len(indices)),
         "n_requested": n,
@@ -143,8 +171,8 @@ def measure_agreement(
         "top_fraction": TOP_FRACTION,
         "excluded_pixels": "black in the input (IG is zero there for every model)",
         **result,
-        "teacher": models["teacher"][1],
-        "student": models["student"][1],
+        "teacher": teacher_info,
+        "student": student_info,
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "split": "test"},
         "environment": environment(target),
     }

@@ -22,6 +22,7 @@ the methods against the baseline.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -321,8 +322,8 @@ def summarize(
     def pair(a: str, b: str) -> dict:
         return {"a": a, "b": b, "n_a": len(runs[a]), "n_b": len(runs[b]), **compare(runs[a], runs[b], is_paired, confidence)}
 
-    vs_baseline = [pair(base, m) for m in methods[1:]]
     all_pairs = [pair(a, b) for i, a in enumerate(methods) for b in methods[i + 1 :]]
+    vs_baseline = copy.deepcopy(all_pairs[: len(methods) - 1])  # (base, m) for every other m: the same tests, Holm-adjusted apart
     _apply_holm(vs_baseline)
     _apply_holm(all_pairs)
     return {

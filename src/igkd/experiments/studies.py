@@ -183,6 +183,27 @@ def attributions_record(path: str | Path | None, teacher: dict | None, dataset) 
     return {"path": str(Path(path).resolve()), "manifest_sha256": cache.manifest_sha256, "n_steps": cache.manifest.get("n_steps")}
 
 
+def input_records(options: StudyOptions, dataset, configs: dict) -> tuple[dict | None, dict | None]:
+    """The teacher and IG-cache records of a study (the cache is required when a config overlays maps)."""
+    teacher = teacher_record(options.teacher, dataset)
+    needs_maps = any(c.p > 0 for c in configs.values())
+    attributions = attributions_record(options.attributions, teacher, dataset) if options.attributions is not None or needs_maps else None
+    return teacher, attributions
+
+
+def extras_record(options: StudyOptions) -> dict:
+    return {
+        "agreement": {"n": options.agreement, "n_steps": options.agreement_steps} if options.agreement else None,
+        "robustness": options.robustness,
+    }
+
+
+def first_difference(saved: dict, current: dict) -> str | None:
+    """The first key (sorted) whose value differs between the two dicts, or None."""
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    return changed[0] if changed else None
+
+
 def dataset_record(dataset) -> dict:
     return {"name": dataset.name, "fingerprint": dataset.fingerprint, "train": len(dataset.train), "test": len(dataset.test), "classes": list(dataset.classes)}
 
@@ -213,19 +234,9 @@ def check_inputs(configs: dict, options: StudyOptions, teacher: dict | None, att
         if teacher is None:
             raise IgkdError("--agreement compares each student's IG maps with the teacher's: pass --teacher CKPT")
     if options.robustness is not None:
-        robustness_function()
         from igkd.evaluate.corruptions import parse_corruption_spec
 
         parse_corruption_spec(options.robustness)
-
-
-def robustness_function():
-    """``igkd.evaluate.robustness.evaluate_robustness``, or an IgkdError while that module is absent."""
-    try:
-        from igkd.evaluate.robustness import evaluate_robustness
-    except ImportError:
-        raise IgkdError("--robustness is not available yet in this igkd (igkd.evaluate.robustness is missing)") from None
-    return evaluate_robustness
 
 
 def _plan_entry(run_id: str, method: str, student: str, run: int, seed: int, subset_seed: int, params: int, reference: int) -> dict:
@@ -299,9 +310,8 @@ def _merge(saved: dict, new: dict, path: Path) -> dict:
             )
     for method in set(saved["configs"]) & set(new["configs"]):
         a, b = saved["configs"][method], new["configs"][method]
-        changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if changed:
-            key = changed[0]
+        key = first_difference(a, b)
+        if key is not None:
             raise IgkdError(
                 f"{path.parent}: method {method!r} was planned with {key}={a.get(key)!r} but this command gives {key}={b.get(key)!r}; "
                 "use the same training options to continue the study, or another --out"
@@ -360,12 +370,15 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def add_extras(run_dir: Path, dataset, teacher: dict | None, options: StudyOptions) -> None:
-    """agreement.json / robustness.json for a finished run, unless present with the same settings."""
+def add_extras(run_dir: Path, dataset, teacher: dict | None, options: StudyOptions, cache: dict | None = None) -> None:
+    """agreement.json / robustness.json for a finished run, unless present with the same settings.
+
+    ``cache``: a dict the caller keeps across the runs of a study (the teacher's IG maps are computed once).
+    """
     if options.agreement is not None:
         existing = _read_json(run_dir / AGREEMENT_FILE) or {}
         if (existing.get("n_requested"), existing.get("n_steps")) != (options.agreement, options.agreement_steps):
-            result = measure_agreement(teacher["path"], run_dir, dataset, n=options.agreement, n_steps=options.agreement_steps, device=options.device)
+            result = measure_agreement(teacher["path"], run_dir, dataset, n=options.agreement, n_steps=options.agreement_steps, device=options.device, cache=cache)
             atomic_write_json(run_dir / AGREEMENT_FILE, result)
     if options.robustness is not None:
         existing = _read_json(run_dir / ROBUSTNESS_FILE) or {}
@@ -375,7 +388,9 @@ def add_extras(run_dir: Path, dataset, teacher: dict | None, options: StudyOptio
 
             device = resolve_device(options.device)
             model, _ = load_model(run_dir / "model.safetensors")
-            result = robustness_function()(model.to(device), dataset, options.robustness, device=device)
+            from igkd.evaluate.robustness import evaluate_robustness
+
+            result = evaluate_robustness(model.to(device), dataset, options.robustness, device=device)
             atomic_write_json(run_dir / ROBUSTNESS_FILE, result)
 
 
@@ -413,7 +428,8 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
     plan = study["plan"]
     teacher = study.get("teacher")
     attributions = study.get("attributions")
-    total, trained_times = len(plan), []
+    total, trained_times, cache = len(plan), [], {}
+    _results_csv(study, out)  # runs finished earlier (a grown plan reorders them)
     for i, entry in enumerate(plan, 1):
         run_dir = out / RUNS_DIR / entry["run_id"]
         label = f"{entry['method']} {entry['student']} seed {entry['seed']}" + (f" subset {study['subset']:g}/{entry['subset_seed']}" if study["subset"] < 1 else "")
@@ -436,8 +452,8 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
                 progress=options.progress,
             )
             trained_times.append(time.perf_counter() - started)
-        add_extras(run_dir, dataset, teacher, options)
-        _results_csv(study, out)
+            _results_csv(study, out)
+        add_extras(run_dir, dataset, teacher, options, cache)
 
 
 def refuse_torchrun() -> None:
@@ -481,9 +497,7 @@ def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: floa
     if options.teacher is not None and Path(options.teacher).resolve() == out.resolve():
         raise IgkdError("--out must not be the teacher's folder")
     configs = {m: options.config(m, students[0], 0, subset, 0 if subset < 1 else None) for m in methods}
-    teacher = teacher_record(options.teacher, dataset)
-    needs_maps = any(c.p > 0 for c in configs.values())
-    attributions = attributions_record(options.attributions, teacher, dataset) if options.attributions is not None or needs_maps else None
+    teacher, attributions = input_records(options, dataset, configs)
     paired, pairing = _pairing(kind, subset, independent)
     new = {
         "format": FORMAT,
@@ -500,16 +514,13 @@ def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: floa
         "dataset": dataset_record(dataset),
         "teacher": teacher,
         "attributions": attributions,
-        "extras": {
-            "agreement": {"n": options.agreement, "n_steps": options.agreement_steps} if options.agreement else None,
-            "robustness": options.robustness,
-        },
+        "extras": extras_record(options),
         "created": now(),
         "updated": now(),
         "invocations": [invocation(configs[methods[0]].device)],
     }
     study = open_study(out, new)
-    all_configs = {m: options.config(m, students[0], 0, subset, 0 if subset < 1 else None) for m in study["methods"]}
+    all_configs = {m: configs.get(m) or options.config(m, students[0], 0, subset, 0 if subset < 1 else None) for m in study["methods"]}
     check_inputs(all_configs, options, teacher, attributions)
     reference, reference_source = _reference_params(teacher, dataset)
     width = all_configs[study["methods"][0]].width

@@ -199,6 +199,7 @@ class _Worker:
         self.dataset, self.method, self.student, self.seed, self.options = dataset, method, student, seed, options
         self.record, self.sampler_seed = record, sampler_seed
         self.last_was_duplicate = False
+        self.cache: dict = {}  # the teacher's agreement maps, shared by this worker's trials
 
     # -- bookkeeping over all workers' trials ---------------------------------------------------
     def trials(self):
@@ -312,7 +313,7 @@ class _Worker:
             trial.set_user_attr("error", str(err))
             studies.say(self.options, f"[yellow]tune: trial {trial.number} failed: {err}[/yellow]")
             raise
-        studies.add_extras(run_dir, self.dataset, teacher, self.options)
+        studies.add_extras(run_dir, self.dataset, teacher, self.options, self.cache)
         trial.set_user_attr("val_accuracy", summary["val_accuracy"])
         trial.set_user_attr("test_accuracy", summary["test_accuracy"])
         trial.set_user_attr("wall_time_s", summary["wall_time_s"])
@@ -473,9 +474,8 @@ def _check_optuna_study(study, identity: dict) -> None:
     if saved is None:
         study.set_user_attr("igkd", current)
         return
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if changed:
-        key = changed[0]
+    key = studies.first_difference(saved, current)
+    if key is not None:
         raise IgkdError(
             f"Optuna study {study.study_name!r} in this storage was started with {key} = {saved.get(key)!r}, not {current.get(key)!r}: "
             "use the same options to join it, or another --study-name"
@@ -491,9 +491,7 @@ def _check_space(dataset, space: dict, method: str, student: str, seed: int, opt
     for name, spec in space.items():
         for value in spec.get("values") or [spec["low"], spec["high"]]:
             configs[f"{method} {name}={value:g}"] = options.config(method, student, seed, **{name: value})
-    teacher = studies.teacher_record(options.teacher, dataset)
-    needs_maps = any(c.p > 0 for c in configs.values())
-    attributions = studies.attributions_record(options.attributions, teacher, dataset) if options.attributions is not None or needs_maps else None
+    teacher, attributions = studies.input_records(options, dataset, configs)
     studies.check_inputs(configs, options, teacher, attributions)
     return base, teacher, attributions
 
@@ -515,7 +513,7 @@ def _study_record(dataset, base, teacher, attributions, options: StudyOptions, t
         "dataset": studies.dataset_record(dataset),
         "teacher": teacher,
         "attributions": attributions,
-        "extras": {"agreement": {"n": options.agreement, "n_steps": options.agreement_steps} if options.agreement else None, "robustness": options.robustness},
+        "extras": studies.extras_record(options),
         "tune": tune_meta,
         "plan": [],
         "created": studies.now(),
