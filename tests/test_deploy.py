@@ -143,7 +143,7 @@ def test_quantize_cli_refuses_a_drop_above_max_drop_unless_forced(tmp_path, trai
     model, data = trained_k15
     checkpoint = tmp_path / "k15.safetensors"
     save_model(checkpoint, model, {"classes": list(data.classes)})
-    monkeypatch.setattr(igkd.data, "load_dataset", lambda name, data_dir=None: data)
+    monkeypatch.setattr(igkd.data, "load_dataset", lambda name, data_dir=None, **kw: data)
     out = tmp_path / "k15.int8.onnx"
     args = ["quantize", str(checkpoint), "--dataset", "tiny", "--out", str(out), "--calibration-size", "32", "--warmup", "0"]
     code, stdout, stderr = _run_main([*args, "--max-drop", "-100"], capsys)

@@ -35,8 +35,8 @@ def run_demo(
     from igkd.attribution import compute_attributions
     from igkd.data import load_dataset
     from igkd.distill import resolve_config, run_training
-    from igkd.models import load_model
-    from igkd.provenance import environment, sha256_file
+    from igkd.distill.run import load_teacher
+    from igkd.provenance import environment
     from igkd.report.figures import one_per_class, overlay_grid
 
     out.mkdir(parents=True, exist_ok=True)
@@ -52,9 +52,9 @@ def run_demo(
     teacher_path = out / "teacher" / "model.safetensors"
 
     say(f"[3/5] IG maps of all {len(data.train)} training images ({ig_steps} Gauss-Legendre steps, black baseline)")
-    teacher, _ = load_model(teacher_path)
+    teacher, teacher_info = load_teacher(teacher_path)  # the saved file: the maps are checked against its sha256
     cache = compute_attributions(teacher, data, out / "attributions", split="train", n_steps=ig_steps, device=device,
-                                 teacher_sha256=sha256_file(teacher_path), progress=progress)
+                                 teacher_sha256=teacher_info["sha256"], progress=progress)
 
     runs = {}
     for i, method in enumerate(("student", "kd_ig")):

@@ -25,12 +25,6 @@ def _positive_ints(text: str, option: str) -> list[int]:
     return values
 
 
-def _load_dataset(name: str, data_dir: Optional[Path]):
-    from igkd.data import load_dataset
-
-    return load_dataset(name, data_dir)
-
-
 def _classes_from_meta(meta: dict):
     """Class names stored with a checkpoint, when its writer recorded them."""
     for source in (meta, meta.get("meta") or {}):
@@ -120,7 +114,7 @@ def register(app: typer.Typer) -> None:
 
         from igkd.atomic import atomic_write_json
         from igkd.deploy.export import check_destination
-        from igkd.deploy.latency import BACKENDS, MIN_REPEATS, RANDOM_INIT, benchmark_latency
+        from igkd.deploy.latency import BACKENDS, RANDOM_INIT, benchmark_latency, check_counts, check_setting
         from igkd.devices import resolve_device
         from igkd.models import STUDENT_KS, build_model, load_model, parse_model_name
 
@@ -128,12 +122,10 @@ def register(app: typer.Typer) -> None:
         target = resolve_device(device)
         chosen_backends = _csv(backends) if backends else (list(BACKENDS) if target.type == "cpu" else ["eager"])
         for backend in chosen_backends:
-            if backend not in BACKENDS:
-                raise IgkdError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
-        if repeats < MIN_REPEATS:
-            raise IgkdError(f"--repeats {repeats} is too few for a median and p90: use at least {MIN_REPEATS}")
-        if warmup < 0 or rounds < 1 or (threads is not None and threads < 1):
-            raise IgkdError("--warmup must be >= 0, --rounds and --threads >= 1")
+            check_setting(backend, target)
+        check_counts(repeats, warmup, sizes)
+        if rounds < 1 or (threads is not None and threads < 1):
+            raise IgkdError("--rounds and --threads must be >= 1")
         for path in (out, plot):
             if path is not None:
                 check_destination(path)
@@ -180,6 +172,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     ) -> None:
         """Export a model to ONNX (dynamic batch, metadata) or TorchScript; refuses to write on a parity failure."""
+        from igkd.data import load_dataset
         from igkd.deploy.export import PARITY_BATCH, check_destination, check_format, check_opset, export_model
         from igkd.models import load_model
 
@@ -190,7 +183,7 @@ def register(app: typer.Typer) -> None:
         model, meta = load_model(checkpoint)
         batch, batch_source, classes = None, None, _classes_from_meta(meta)
         if dataset is not None:
-            data = _load_dataset(dataset, data_dir)
+            data = load_dataset(dataset, data_dir, progress=not as_json)
             if data.num_classes != model.num_classes:
                 raise IgkdError(f"{checkpoint} has {model.num_classes} outputs but dataset {dataset!r} has {data.num_classes} classes")
             batch, batch_source = data.test.images[:PARITY_BATCH], f"{data.name} test images 0-{PARITY_BATCH - 1}"
@@ -229,18 +222,18 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     ) -> None:
         """int8 post-training static quantisation (ONNX Runtime, QDQ, per-channel), with its accuracy and speed cost."""
+        from igkd.data import load_dataset
         from igkd.deploy.export import check_destination
-        from igkd.deploy.latency import MIN_REPEATS
+        from igkd.deploy.latency import check_counts
         from igkd.deploy.quantize import quantize_onnx
         from igkd.models import load_model
 
         if dataset is None:
             raise IgkdError("--dataset is required: its training images calibrate the int8 ranges and its test images measure the accuracy cost")
-        if repeats < MIN_REPEATS:
-            raise IgkdError(f"--repeats {repeats} is too few for a median and p90: use at least {MIN_REPEATS}")
+        check_counts(repeats, warmup)
         out = check_destination(out or checkpoint.with_suffix(".int8.onnx"))
         model, meta = load_model(checkpoint)
-        data = _load_dataset(dataset, data_dir)
+        data = load_dataset(dataset, data_dir, progress=not as_json)
         with _progress(False) as progress:
             task = progress.add_task("quantising")
             report = quantize_onnx(

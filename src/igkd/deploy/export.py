@@ -224,29 +224,16 @@ def export_bytes(
     return data, report
 
 
-def export_model(
-    model: torch.nn.Module,
-    path: str | Path,
-    format: str = "onnx",
-    *,
-    opset: int = DEFAULT_OPSET,
-    batch: torch.Tensor | None = None,
-    batch_source: str | None = None,
-    classes=None,
-    metadata: dict | None = None,
-    tolerance: float = PARITY_TOLERANCE,
-) -> dict:
+def export_model(model: torch.nn.Module, path: str | Path, format: str = "onnx", **options) -> dict:
     """Export ``model`` to ``path`` (ONNX or TorchScript) after a parity check; returns the report.
 
-    ``batch``: uint8 images or a float [0, 1] batch for the parity check (a real batch of
-    the model's data when you have one; default a deterministic random batch).
-    ``classes`` and ``metadata`` are stored in the file (ONNX ``metadata_props``).
+    ``options`` are those of :func:`export_bytes`: ``opset``, ``batch`` (uint8 images or a
+    float [0, 1] batch for the parity check -- a real batch of the model's data when you have
+    one; default a deterministic random batch), ``batch_source``, ``classes`` and ``metadata``
+    (stored in the file: ONNX ``metadata_props``), ``tolerance``, ``threads``.
     """
-    fmt = check_format(format)
     path = check_destination(path)
-    data, report = export_bytes(
-        model, fmt, opset=opset, batch=batch, batch_source=batch_source, classes=classes, metadata=metadata, tolerance=tolerance
-    )
+    data, report = export_bytes(model, format, **options)
     atomic_write_bytes(path, data)
     report["path"] = str(path)
     return report

@@ -15,6 +15,8 @@ on a file format's headers:
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from igkd.models import build_model, count_macs, count_parameters, spec_of
@@ -39,16 +41,21 @@ def state_dict_bytes(model: nn.Module) -> dict[str, int]:
     return {"fp32": 4 * floats, "fp16": 2 * floats, "int8": int8}
 
 
+@functools.lru_cache(maxsize=None)
+def _teacher_parameters(num_classes: int, width: float) -> int:
+    """Parameters of the family's teacher, built once per (classes, width) rather than once per model."""
+    return count_parameters(build_model("teacher", num_classes=num_classes, width=width))
+
+
 def model_footprint(model: nn.Module) -> dict:
     """Name, k, parameters, MACs (one 32x32 image), CF vs the family's teacher, sizes in bytes."""
     spec = spec_of(model)
-    teacher = build_model("teacher", num_classes=spec["num_classes"], width=spec["width"])
     params = count_parameters(model)
     return {
         "name": spec["name"],
         "k": spec["k"],
         "params": params,
         "macs": count_macs(model),
-        "cf": round(count_parameters(teacher) / params, 2),
+        "cf": round(_teacher_parameters(spec["num_classes"], spec["width"]) / params, 2),
         "size_bytes": state_dict_bytes(model),
     }

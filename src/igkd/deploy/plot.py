@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
-
-from igkd.atomic import atomic_write_bytes
 
 
 def plot_latency_vs_cf(results: dict, path: str | Path) -> Path:
@@ -13,11 +10,9 @@ def plot_latency_vs_cf(results: dict, path: str | Path) -> Path:
 
     ``results`` is what ``benchmark_latency`` returns (or its JSON file, loaded).
     """
-    import matplotlib
+    from igkd.report.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cf = {row["label"]: row["cf"] for row in results["models"]}
     series: dict[tuple, list[dict]] = {}
     for m in results["measurements"]:
@@ -43,9 +38,4 @@ def plot_latency_vs_cf(results: dict, path: str | Path) -> Path:
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return save_png(fig, path)

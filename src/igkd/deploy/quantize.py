@@ -132,12 +132,13 @@ def quantize_onnx(
     than ``max_drop`` points and ``force`` is false, which raises ``IgkdError`` and writes nothing.
     """
     from igkd.deploy.export import check_destination, export_bytes
-    from igkd.deploy.latency import compare_sessions, torch_threads
+    from igkd.deploy.latency import check_counts, compare_sessions, torch_threads
     from igkd.deploy.runtime import ort_logits, ort_session
     from igkd.evaluate import accuracy_report
     from igkd.provenance import environment
 
     out = check_destination(out)
+    check_counts(repeats, warmup, batch_sizes)  # before the export and calibration, not after
     if model.num_classes != dataset.num_classes:
         raise IgkdError(
             f"the model has {model.num_classes} outputs but dataset {dataset.name!r} has {dataset.num_classes} classes: "

@@ -34,7 +34,8 @@ def build_report(studies: list, out, *, data_dir=None, latency=None, evaluations
         raise IgkdError("no study folders given: igkd report STUDY_DIR... --out DIR")
     target = resolve_device(device)
     loaded = [load_study(path) for path in studies]  # every input is checked before anything is written
-    latency_numbers = tables.latency_section(latency) if latency else None
+    latency_data = tables.read_latency(latency) if latency else None
+    latency_numbers = tables.latency_section(latency, latency_data) if latency else None
     evaluation = tables.evaluation_section(list(evaluations or []))
     out.mkdir(parents=True, exist_ok=True)
     env = environment(target)
@@ -46,14 +47,14 @@ def build_report(studies: list, out, *, data_dir=None, latency=None, evaluations
         "latency": latency_numbers,
         "evaluation": evaluation,
     }
-    datasets: dict = {}
+    cache: dict = {}  # datasets and teachers, loaded once per report however many studies share them
     for i, study in enumerate(loaded, 1):
         name = f"s{i}-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(study["path"]).resolve().name)
-        report["studies"].append(study_section(study, name, out, data_dir, target, datasets))
+        report["studies"].append(study_section(study, name, out, data_dir, target, cache))
     if latency_numbers is not None:
         from igkd.deploy.plot import plot_latency_vs_cf
 
-        plot_latency_vs_cf(tables.read_json(latency, "latency file", ""), out / "latency-vs-cf.png")
+        plot_latency_vs_cf(latency_data, out / "latency-vs-cf.png")
         latency_numbers["figure"] = {"file": "latency-vs-cf.png", "caption": f"median latency per image vs CF, from {latency_numbers['path']}"}
     from igkd.report.markdown import render
 
@@ -62,7 +63,7 @@ def build_report(studies: list, out, *, data_dir=None, latency=None, evaluations
     return report
 
 
-def study_section(study: dict, name: str, out: Path, data_dir, device, datasets: dict) -> dict:
+def study_section(study: dict, name: str, out: Path, data_dir, device, cache: dict) -> dict:
     section = {"name": name, "provenance": tables.provenance(study), "students": [], "figures": {}}
     if study["kind"] == "tune":
         section["tune"] = study.get("tune_result")
@@ -87,7 +88,7 @@ def study_section(study: dict, name: str, out: Path, data_dir, device, datasets:
                 lambda path: figures.training_curves(runs, study["methods"], path, f"{study['kind']} {name}"))
         if runs else {"skipped": "no run has a metrics.jsonl yet"}
     )
-    dataset, problem = _dataset(study, data_dir, datasets) if (study.get("attributions") or study.get("teacher")) else (None, None)
+    dataset, problem = _dataset(study, data_dir, cache) if (study.get("attributions") or study.get("teacher")) else (None, None)
     if not study.get("attributions"):
         figs["ig_grid"] = {"skipped": "the study has no IG attribution cache (it was run without --attributions)"}
     else:
@@ -95,7 +96,7 @@ def study_section(study: dict, name: str, out: Path, data_dir, device, datasets:
     if not study.get("teacher"):
         figs["attention"] = {"skipped": "the study has no teacher"}
     else:
-        figs["attention"] = {"skipped": problem} if problem else _figure(out / f"{name}-attention.png", None, lambda path: attention_figure(study, dataset, path, device))
+        figs["attention"] = {"skipped": problem} if problem else _figure(out / f"{name}-attention.png", None, lambda path: attention_figure(study, dataset, path, device, cache))
     return section
 
 
@@ -113,12 +114,13 @@ def _dataset(study: dict, data_dir, cache: dict):
     from igkd.data import load_dataset
 
     name, fingerprint = study["dataset"]["name"], study["dataset"]["fingerprint"]
-    if name not in cache:
+    key = ("dataset", name)
+    if key not in cache:
         try:
-            cache[name] = load_dataset(name, data_dir, progress=False)
+            cache[key] = load_dataset(name, data_dir, progress=False)
         except IgkdError as err:
-            cache[name] = err
-    data = cache[name]
+            cache[key] = err
+    data = cache[key]
     if isinstance(data, IgkdError):
         return None, f"dataset {name} could not be loaded ({data}); pass its files with --data-dir"
     if data.fingerprint != fingerprint:
@@ -165,16 +167,28 @@ def _layer(model, summary: dict, role: str) -> str:
     return named or default_attention_layer(model, config.get("at_divider", 2))
 
 
-def attention_figure(study: dict, dataset, path: Path, device) -> str:
-    """The teacher's and each method's (first finished run) attention maps on a few test images."""
+def _teacher(teacher: dict, cache: dict) -> torch.nn.Module:
+    """The study's teacher model, hashed and loaded once per report, refused if it changed since the study ran."""
     from igkd.models import load_model
     from igkd.provenance import sha256_file
 
-    teacher = study["teacher"]
-    if not Path(teacher["path"]).is_file():
-        raise IgkdError(f"teacher file {teacher['path']} is missing")
-    if sha256_file(teacher["path"]) != teacher["sha256"]:
-        raise IgkdError(f"teacher file {teacher['path']} changed since the study ran (sha256 differs)")
+    path = Path(teacher["path"])
+    if not path.is_file():
+        raise IgkdError(f"teacher file {path} is missing")
+    key = ("teacher", str(path.resolve()))
+    if key not in cache:
+        cache[key] = (sha256_file(path), load_model(path)[0])
+    sha256, model = cache[key]
+    if sha256 != teacher["sha256"]:
+        raise IgkdError(f"teacher file {path} changed since the study ran (sha256 differs)")
+    return model
+
+
+def attention_figure(study: dict, dataset, path: Path, device, cache: dict) -> str:
+    """The teacher's and each method's (first finished run) attention maps on a few test images."""
+    from igkd.models import load_model
+
+    teacher = _teacher(study["teacher"], cache)
     first: dict = {}
     for run in tables.finished_runs(study):
         first.setdefault(run["method"], run)
@@ -182,10 +196,9 @@ def attention_figure(study: dict, dataset, path: Path, device) -> str:
         raise IgkdError("no finished runs yet")
     picks = figures.one_per_class(dataset.test.labels, dataset.num_classes)[:ATTENTION_IMAGES]
     images = dataset.test.images[picks]
-    model, _ = load_model(teacher["path"])
     with_at = next((r["summary"] for r in first.values() if r["summary"].get("attention_layers")), next(iter(first.values()))["summary"])
-    layer = _layer(model, with_at, "teacher")
-    rows, used = [(f"teacher\n{layer}", attention_maps(model, layer, images, device))], [f"teacher {layer}"]
+    layer = _layer(teacher, with_at, "teacher")
+    rows, used = [(f"teacher\n{layer}", attention_maps(teacher, layer, images, device))], [f"teacher {layer}"]
     for method, run in first.items():
         model, _ = load_model(Path(run["dir"]) / "model.safetensors")
         layer = _layer(model, run["summary"], "student")

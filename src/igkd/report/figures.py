@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed); imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,15 +17,17 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG atomically and close it."""
+def save_png(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (120 dpi) atomically and close it."""
     from igkd.atomic import atomic_open
 
-    fig.tight_layout()
     path = Path(path)
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=120)
-    _pyplot().close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_open(path, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=120)
+    finally:
+        pyplot().close(fig)
     return path
 
 
@@ -38,7 +41,7 @@ def overlay_grid(images: torch.Tensor, maps: torch.Tensor, titles: list[str], pa
 
     ``images`` uint8 [K, 3, H, W]; ``maps`` [K, H, W] (any scale; min-max normalised per image).
     """
-    plt = _pyplot()
+    plt = pyplot()
     k = images.shape[0]
     fig, axes = plt.subplots(3, k, figsize=(1.6 * k, 5.2), squeeze=False)
     for j in range(k):
@@ -54,7 +57,7 @@ def overlay_grid(images: torch.Tensor, maps: torch.Tensor, titles: list[str], pa
         axes[row][0].set_ylabel(label, fontsize=9)
     if caption:
         fig.suptitle(caption, fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def one_per_class(labels: torch.Tensor, num_classes: int) -> list[int]:
@@ -73,7 +76,7 @@ def _colours(names: list[str]) -> dict[str, str]:
 
 def accuracy_vs_cf(series: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
     """Mean test accuracy +- sd over runs per method against the compression factor (log x)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method, points in series.items():
         ax.errorbar([p["cf"] for p in points], [p["mean"] for p in points], yerr=[p["sd"] or 0 for p in points], marker="o", capsize=3, label=method)
@@ -85,12 +88,12 @@ def accuracy_vs_cf(series: dict[str, list[dict]], path: str | Path, title: str =
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def training_curves(runs: list[dict], methods: list[str], path: str | Path, title: str = "") -> Path:
     """Validation accuracy and training loss per epoch, one line per run, one colour per method."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     colour, students = _colours(methods), list(dict.fromkeys(r["student"] for r in runs))
     seen = set()
@@ -110,12 +113,12 @@ def training_curves(runs: list[dict], methods: list[str], path: str | Path, titl
         ax.grid(True, alpha=0.3)
     acc_ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def attention_grid(images: torch.Tensor, rows: list[tuple[str, torch.Tensor]], titles: list[str], path: str | Path, caption: str = "") -> Path:
     """Images in the first row, then one row of attention maps [K, h, w] per model (min-max per image)."""
-    plt = _pyplot()
+    plt = pyplot()
     k = images.shape[0]
     fig, axes = plt.subplots(1 + len(rows), k, figsize=(1.6 * k + 1.2, 1.7 * (1 + len(rows))), squeeze=False)
     for j in range(k):
@@ -129,4 +132,4 @@ def attention_grid(images: torch.Tensor, rows: list[tuple[str, torch.Tensor]], t
         ax.set_xticks([]), ax.set_yticks([])
     if caption:
         fig.suptitle(caption, fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)

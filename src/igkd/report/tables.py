@@ -219,25 +219,25 @@ def read_json(path: str | Path, what: str, how: str) -> dict | list:
         raise IgkdError(f"{what} {path} is not valid JSON ({err}): {how}") from None
 
 
-def latency_section(path: str | Path) -> dict:
-    """Median latency per model x backend/precision/batch size and speedup vs the teacher, from ``igkd bench latency --json``."""
+def read_latency(path: str | Path) -> dict:
+    """The JSON of ``igkd bench latency --json --out FILE``, checked to be one."""
     how = "pass the file written by 'igkd bench latency --json --out FILE'"
     data = read_json(path, "latency file", how)
     if not isinstance(data, dict) or data.get("kind") != "igkd-latency-benchmark" or "measurements" not in data:
         raise IgkdError(f"{path} is not an igkd latency benchmark: {how}")
+    return data
+
+
+def latency_section(path: str | Path, data: dict) -> dict:
+    """Median latency per model x backend/precision/batch size and speedup vs the teacher, from ``read_latency(path)``."""
     settings = sorted({(m["backend"], m["precision"], m["batch_size"]) for m in data["measurements"]})
-    teacher = {}
-    for m in data["measurements"]:
-        if m.get("k") == 0:
-            teacher.setdefault((m["backend"], m["precision"], m["batch_size"]), m["median_ms"])
     rows = []
     for model in data["models"]:
         cells = {}
         for m in data["measurements"]:
             if m["model"] == model["label"]:
                 key = (m["backend"], m["precision"], m["batch_size"])
-                speedup = m.get("speedup_vs_teacher") or (teacher[key] / m["median_ms"] if key in teacher else None)
-                cells[f"{key[0]} {key[1]} b{key[2]}"] = {"median_ms": m["median_ms"], "speedup_vs_teacher": speedup}
+                cells[f"{key[0]} {key[1]} b{key[2]}"] = {"median_ms": m["median_ms"], "speedup_vs_teacher": m.get("speedup_vs_teacher")}
         rows.append({"model": model["label"], "params": model.get("params"), "cf": model.get("cf"), "latency": cells})
     return {
         "path": str(Path(path).resolve()),
