@@ -125,7 +125,7 @@ def precisions_for(device: torch.device, backend: str) -> tuple[str, ...]:
     return ("fp32", "bf16", "fp16") if device.type == "cuda" and backend == "eager" else ("fp32",)
 
 
-def _check_setting(backend: str, device: torch.device, precision: str) -> None:
+def check_setting(backend: str, device: torch.device, precision: str = "fp32") -> None:
     if backend not in BACKENDS:
         raise IgkdError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
     if backend == "onnxruntime" and device.type != "cpu":
@@ -150,7 +150,7 @@ def _runner(model, *, backend: str, device: torch.device, batch_size: int, sessi
     x = torch.rand(batch_size, 3, *image_size, generator=torch.Generator().manual_seed(seed))
     if backend == "eager":
         net = prepare_model(model.eval(), device)
-        x = x.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+        x = x.to(device).contiguous(memory_format=torch.channels_last)  # the layout prepare_model gives the weights
         return lambda: net(x)
     if session is None:
         from igkd.deploy.export import export_bytes
@@ -176,7 +176,8 @@ def _record(backend: str, device: torch.device, precision: str, batch_size: int,
     }
 
 
-def _check_counts(repeats: int, warmup: int, batch_sizes: Iterable[int]) -> None:
+def check_counts(repeats: int, warmup: int, batch_sizes: Iterable[int] = (1,)) -> None:
+    """Refuse too few timed calls, a negative warm-up or a batch size below 1 (one error line)."""
     if repeats < MIN_REPEATS:
         raise IgkdError(f"--repeats {repeats} is too few for a median and p90: use at least {MIN_REPEATS}")
     if warmup < 0 or min(batch_sizes) < 1:
@@ -204,9 +205,9 @@ def measure_latency(
     pass a ``session`` to reuse one, else the model is exported and parity-checked first).
     ``threads``: intra-op threads (default: torch's current count), recorded in the result.
     """
-    _check_counts(repeats, warmup, [batch_size])
+    check_counts(repeats, warmup, [batch_size])
     device = resolve_device(str(device))
-    _check_setting(backend, device, precision)
+    check_setting(backend, device, precision)
     with torch_threads(threads) as used:
         run = _runner(model, backend=backend, device=device, batch_size=batch_size, session=session,
                       threads=used, image_size=image_size, seed=seed)
@@ -227,7 +228,7 @@ def compare_sessions(
 ) -> dict[str, dict[str, dict]]:
     """ONNX Runtime sessions (e.g. fp32 and int8) timed against each other, interleaved: {name: {batch: figures}}."""
     batch_sizes = [int(b) for b in batch_sizes]
-    _check_counts(repeats, warmup, batch_sizes)
+    check_counts(repeats, warmup, batch_sizes)
     cpu = torch.device("cpu")
     result: dict[str, dict[str, dict]] = {name: {} for name in sessions}
     for batch_size in batch_sizes:
@@ -295,10 +296,10 @@ def benchmark_latency(
     from igkd.provenance import environment
 
     entries, batch_sizes, backends = list(entries), [int(b) for b in batch_sizes], list(backends)
-    _check_counts(repeats, warmup, batch_sizes)
+    check_counts(repeats, warmup, batch_sizes)
     device = resolve_device(str(device))
     for backend in backends:
-        _check_setting(backend, device, "fp32")
+        check_setting(backend, device, "fp32")
     settings = [(b, p, n) for b in backends for p in precisions_for(device, b) for n in batch_sizes]
     report = progress or (lambda _description, _done, _total: None)
     models, measurements = [], []

@@ -17,6 +17,7 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int
     try:
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(device, non_blocking=True).float().div_(255)
+            batch = batch.contiguous(memory_format=torch.channels_last)  # igkd's layout (devices.prepare_model)
             with autocast(device):
                 outputs.append(model(batch).float().cpu())
     finally:
