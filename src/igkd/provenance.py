@@ -29,9 +29,12 @@ def git_sha() -> str | None:
 
 
 def device_name(device) -> str:
+    """A readable name of ``device`` (any spec igkd takes: ``auto``, ``cpu``, ``cuda:N`` or a torch.device)."""
     import torch
 
-    device = torch.device(device)
+    from igkd.devices import resolve_device
+
+    device = device if isinstance(device, torch.device) else resolve_device(str(device))
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -43,6 +46,9 @@ def environment(device="cpu") -> dict:
     import torch
 
     from igkd import __version__
+    from igkd.devices import resolve_device
+
+    device = device if isinstance(device, torch.device) else resolve_device(str(device))
 
     return {
         "igkd": __version__,
