@@ -9,11 +9,15 @@ A cache folder holds:
   fingerprint, split, N/H/W, method and all its parameters, reduction, target), how they
   were made (precision, chunking, environment, wall time, images/s), completeness-error
   statistics, the sha256 of ``maps.npy``, and ``"complete": true`` once finished.
-* ``progress.json`` while running: the chunks done so far. Each chunk's maps are
-  flushed to disk before the progress file is replaced (atomically) to count it, so a
-  run killed at any point (even ``kill -9``) resumes at the first chunk not counted and
-  ends byte-identical to an uninterrupted run. Everything is deterministic given the
-  chunking, which a resumed run takes from the progress file.
+* ``maps.partial.npy`` and ``progress.json`` while a computation runs: the maps are
+  staged (with their disk space reserved up front) beside any finished cache, and the
+  progress file counts the chunks done. Each chunk's maps are flushed to disk before the
+  progress file is replaced (atomically) to count it, so a run killed at any point (even
+  ``kill -9``) resumes at the first chunk not counted and ends byte-identical to an
+  uninterrupted run. Everything is deterministic given the chunking, which a resumed run
+  takes from the progress file. Only a complete build is moved onto ``maps.npy`` (its
+  manifest written last), so ``--force`` never leaves the folder without a usable cache,
+  and every option is checked on one image before anything in the folder changes.
 
 :func:`open_attributions` refuses a cache that is incomplete or was built for another
 teacher, dataset, split or parameters, with one line naming the field and both values.
@@ -22,8 +26,10 @@ teacher, dataset, split or parameters, with one line naming the field and both v
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +50,8 @@ from igkd.provenance import environment, sha256_file
 FORMAT = "igkd-attributions"
 FORMAT_VERSION = 1
 MAPS_FILE, MANIFEST_FILE, PROGRESS_FILE = "maps.npy", "manifest.json", "progress.json"
+STAGED_MAPS_FILE = "maps.partial.npy"  # a build in progress; moved onto MAPS_FILE when complete
+PRECISIONS = ("auto", "fp32", "bf16")
 TARGETS = ("label", "predicted")
 DEFAULT_CHUNK = {"cpu": 64, "cuda": 1024}
 COMPLETENESS_TOLERANCE = 0.01
@@ -104,8 +112,8 @@ def _split(dataset, split: str):
     return images
 
 
-def _open_maps(directory: Path, manifest: dict, mode: str = "r") -> np.memmap:
-    path = directory / MAPS_FILE
+def _open_maps(directory: Path, manifest: dict, mode: str = "r", name: str = MAPS_FILE) -> np.memmap:
+    path = directory / name
     shape = (manifest.get("n"), manifest.get("height"), manifest.get("width"))
     try:
         maps = np.load(path, mmap_mode=mode)
@@ -134,6 +142,11 @@ def open_attributions(
     directory = Path(out_dir)
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.is_file():
+        if (directory / PROGRESS_FILE).is_file():
+            raise IgkdError(
+                f"attribution cache {directory} is incomplete (its computation was interrupted): rerun 'igkd attributions compute' "
+                "with the same arguments to resume it, or add --force to rebuild it"
+            )
         raise IgkdError(f"no attribution cache in {directory} (no {MANIFEST_FILE}): build one with 'igkd attributions compute'")
     raw = manifest_path.read_bytes()
     try:
@@ -212,21 +225,22 @@ def _completeness(stats: list) -> dict | None:
     }
 
 
-def _remove_outputs(directory: Path) -> None:
-    """Delete this cache's own files (and temporaries a killed atomic write left behind)."""
-    for name in (PROGRESS_FILE, MAPS_FILE, MANIFEST_FILE):
-        (directory / name).unlink(missing_ok=True)
-    _remove_temporaries(directory)
-
-
 def _remove_temporaries(directory: Path) -> None:
+    """Delete temporaries that a killed atomic write left behind."""
     for name in (PROGRESS_FILE, MAPS_FILE, MANIFEST_FILE):
         for stale in directory.glob(f".{name}.*.tmp"):
             stale.unlink(missing_ok=True)
 
 
+def _remove_build(directory: Path) -> None:
+    """Delete an unfinished build (its progress record and staged maps); a finished cache is untouched."""
+    (directory / PROGRESS_FILE).unlink(missing_ok=True)
+    (directory / STAGED_MAPS_FILE).unlink(missing_ok=True)
+    _remove_temporaries(directory)
+
+
 def _resumable(directory: Path, identity: dict) -> dict | None:
-    """The progress record of an interrupted run of the same computation, or None."""
+    """The progress record of an interrupted build of the same computation, or None."""
     progress = _read_json(directory / PROGRESS_FILE)
     if progress is None or progress.get("identity") != identity:
         return None
@@ -235,11 +249,45 @@ def _resumable(directory: Path, identity: dict) -> dict | None:
         return None
     if len(progress.get("stats", [])) != progress["done"]:
         return None
+    staged = directory / STAGED_MAPS_FILE
+    if not staged.exists() and progress["done"] == n_chunks and not _read_json(directory / MANIFEST_FILE):
+        staged = directory / MAPS_FILE  # killed between moving the finished maps into place and writing the manifest
     try:
-        _open_maps(directory, identity)
+        _open_maps(directory, identity, name=staged.name)
     except IgkdError:
         return None
-    return progress
+    return {**progress, "maps_file": staged.name}
+
+
+def _reserve(path: Path) -> None:
+    """Give the staged maps file real disk blocks now, so running out of space is an error here and
+    not a SIGBUS when a memory-mapped page is written later."""
+    size = path.stat().st_size
+    try:
+        with open(path, "r+b") as handle:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, size)
+            else:  # write every block: no sparse holes
+                block = 1 << 20
+                for offset in range(0, size, block):
+                    handle.seek(offset)
+                    handle.write(b"\0" * min(block, size - offset))
+                handle.flush()
+                os.fsync(handle.fileno())
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise IgkdError(f"disk full: the maps need {size / 2**20:.1f} MiB in {path.parent}; free space there and re-run") from None
+        raise
+
+
+def _validate_options(model, images, target: str, method: str, params: dict, max_batch, precision: str, device: torch.device) -> None:
+    """Run the computation on one image, so that every bad option fails before the cache folder is touched."""
+    if max_batch is not None and max_batch < 1:
+        raise IgkdError(f"--max-batch must be at least 1 (interpolated samples per pass), got {max_batch}")
+    x = images.images[:1].to(device).float().div_(255)
+    wanted = images.labels[:1].to(device) if target == "label" else "predicted"
+    run_method(model, x, wanted, method, **params, max_batch=max_batch, precision=precision)
 
 
 def compute_attributions(
@@ -278,6 +326,8 @@ def compute_attributions(
         raise IgkdError(f"unknown reduction {reduction!r}: use one of {', '.join(REDUCTIONS)}")
     if target not in TARGETS:
         raise IgkdError(f"unknown target {target!r}: use label or predicted")
+    if precision not in PRECISIONS:
+        raise IgkdError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if not isinstance(baseline, str):
         raise IgkdError("cached attributions take a named baseline (black, mean or blur)")
     if chunk_size is not None and chunk_size < 1:
@@ -290,35 +340,51 @@ def compute_attributions(
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != len(dataset.classes):
         raise IgkdError(f"the teacher has {num_classes} outputs but dataset {dataset.name} has {len(dataset.classes)} classes")
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    model = model.to(device)
 
     directory = Path(out_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise IgkdError(f"--out {directory} is a file: give a folder for the attribution cache")
     identity = _identity(model, dataset, split, n, height, width, method, params, reduction, target, teacher_sha256)
     existing = _read_json(directory / MANIFEST_FILE)
     if (directory / MANIFEST_FILE).exists() and not force:
         if existing is None:
             raise IgkdError(f"{directory / MANIFEST_FILE} is unreadable: {REBUILD_HINT}")
-        mismatch = _first_mismatch(existing, identity)
+        mismatch = _first_mismatch(existing, identity) or _precision_mismatch(existing, precision)
         if mismatch:
             raise IgkdError(f"attribution cache {directory} was built for {mismatch}: {REBUILD_HINT}")
         if existing.get("complete") is True:
             return dataclasses.replace(open_attributions(directory, expect=identity), reused=True)
-    device = device if isinstance(device, torch.device) else resolve_device(device)
-    state = None if force else _resumable(directory, identity)
+    state = _resumable(directory, identity) if directory.is_dir() else None
+    if state is None and not force and (directory / PROGRESS_FILE).exists():
+        found = (_read_json(directory / PROGRESS_FILE) or {}).get("identity") or {}
+        mismatch = _first_mismatch(found, identity) or "another computation"
+        raise IgkdError(
+            f"{directory} holds an interrupted computation of {mismatch}: rerun that command to resume it, "
+            "add --force to replace it, or use another output folder"
+        )
+    # Nothing has been written yet: every option is checked on one image first, so a bad one
+    # fails here and a cache already in the folder stays as it was.
+    _validate_options(model, images, target, method, params, max_batch, state["precision"] if state else precision, device)
+
+    # A new build is staged beside any finished cache (maps.partial.npy + progress.json) and moved
+    # into place only when complete: --force never leaves the folder without a usable cache.
+    directory.mkdir(parents=True, exist_ok=True)
     if state is None:
-        _remove_outputs(directory)
+        _remove_build(directory)
         chunk = chunk_size or DEFAULT_CHUNK["cuda" if device.type == "cuda" else "cpu"]
         state = {"identity": identity, "chunk_size": chunk, "n_chunks": -(-n // chunk), "done": 0, "precision": None, "stats": [], "elapsed_s": 0.0, "sessions": 0}
-        atomic_write_json(directory / MANIFEST_FILE, {**identity, "chunk_size": chunk, "complete": False})
-        np.lib.format.open_memmap(directory / MAPS_FILE, mode="w+", dtype=np.float16, shape=(n, height, width)).flush()
-        atomic_write_json(directory / PROGRESS_FILE, state)
+        np.lib.format.open_memmap(directory / STAGED_MAPS_FILE, mode="w+", dtype=np.float16, shape=(n, height, width)).flush()
+        _reserve(directory / STAGED_MAPS_FILE)
+        state["maps_file"] = STAGED_MAPS_FILE
+        _commit_progress(directory, state, 0)
     else:
         _remove_temporaries(directory)
     state["sessions"] += 1
 
-    model = model.to(device)
     chunk = state["chunk_size"]
-    maps = _open_maps(directory, identity, mode="r+")
+    maps = _open_maps(directory, identity, mode="r+", name=state["maps_file"])
     started = time.perf_counter()
     with progress_bar(n, f"{method} maps ({dataset.name} {split})", enabled=progress) as bar:
         bar.advance(min(n, state["done"] * chunk), items=0)
@@ -336,7 +402,7 @@ def compute_attributions(
             )
             state["stats"].append(_chunk_stats(result.values, result.delta))
             started = time.perf_counter()
-            atomic_write_json(directory / PROGRESS_FILE, state)
+            _commit_progress(directory, state, index + 1)
             bar.advance(stop - start, items=stop - start, status=result.precision)
             if on_chunk is not None:
                 on_chunk(index + 1, state["n_chunks"])
@@ -346,17 +412,44 @@ def compute_attributions(
     manifest = {
         **identity,
         "precision": state["precision"],
+        "precision_requested": precision,
         "chunk_size": chunk,
         "max_batch": max_batch or default_max_batch(device, height, width),
         "completeness": _completeness(state["stats"]) if get_method(method).has_delta else None,
         "maps_file": MAPS_FILE,
-        "maps_sha256": sha256_file(directory / MAPS_FILE),
+        "maps_sha256": sha256_file(directory / state["maps_file"]),
         "environment": environment(device),
         "wall_s": round(wall, 3),
         "images_per_s": round(n / wall, 2) if wall > 0 else None,
         "sessions": state["sessions"],
         "complete": True,
     }
+    _swap_in(directory, state["maps_file"], manifest)
+    return open_attributions(directory, expect=identity)
+
+
+def _precision_mismatch(manifest: dict, requested: str) -> str | None:
+    """A finished cache serves ``auto`` whatever precision it used; an explicit fp32/bf16 must match."""
+    used = manifest.get("precision")
+    if requested != "auto" and used is not None and used != requested:
+        return f"precision={used!r}, not the requested precision={requested!r}"
+    return None
+
+
+def _commit_progress(directory: Path, state: dict, chunk: int) -> None:
+    try:
+        atomic_write_json(directory / PROGRESS_FILE, state)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise IgkdError(f"disk full at chunk {chunk} of {state['n_chunks']} in {directory}: free space and re-run the same command to resume") from None
+        raise
+
+
+def _swap_in(directory: Path, staged: str, manifest: dict) -> None:
+    """Replace the folder's cache by the finished build. A kill at any point leaves either the old
+    cache, or no manifest plus a build that the same command finishes (see :func:`_resumable`)."""
+    if staged != MAPS_FILE:
+        (directory / MANIFEST_FILE).unlink(missing_ok=True)  # the old manifest must never describe the new maps
+        os.replace(directory / staged, directory / MAPS_FILE)
     atomic_write_json(directory / MANIFEST_FILE, manifest)
     (directory / PROGRESS_FILE).unlink(missing_ok=True)
-    return open_attributions(directory, expect=identity)
