@@ -357,6 +357,10 @@ def compute_attributions(
         if existing.get("complete") is True:
             return dataclasses.replace(open_attributions(directory, expect=identity), reused=True)
     state = _resumable(directory, identity) if directory.is_dir() else None
+    if state is not None and _precision_mismatch(state, precision):
+        if not force:
+            raise IgkdError(f"{directory} holds an interrupted computation in {_precision_mismatch(state, precision)}: rerun it with that precision (or auto), or add --force")
+        state = None
     if state is None and not force and (directory / PROGRESS_FILE).exists():
         found = (_read_json(directory / PROGRESS_FILE) or {}).get("identity") or {}
         mismatch = _first_mismatch(found, identity) or "another computation"
@@ -401,6 +405,8 @@ def compute_attributions(
                 elapsed_s=state["elapsed_s"] + (time.perf_counter() - started),
             )
             state["stats"].append(_chunk_stats(result.values, result.delta))
+            if result.precision_check is not None:
+                state["precision_check"] = result.precision_check
             started = time.perf_counter()
             _commit_progress(directory, state, index + 1)
             bar.advance(stop - start, items=stop - start, status=result.precision)
@@ -413,6 +419,7 @@ def compute_attributions(
         **identity,
         "precision": state["precision"],
         "precision_requested": precision,
+        "precision_check": state.get("precision_check"),
         "chunk_size": chunk,
         "max_batch": max_batch or default_max_batch(device, height, width),
         "completeness": _completeness(state["stats"]) if get_method(method).has_delta else None,

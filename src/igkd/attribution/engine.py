@@ -33,6 +33,7 @@ class Attribution:
     values: torch.Tensor
     delta: torch.Tensor | None
     precision: str
+    precision_check: dict | None = None  # how ``auto`` chose (see integrated_gradients.choose_precision)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
