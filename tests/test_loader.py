@@ -63,3 +63,30 @@ def test_ranks_get_disjoint_shards():
     labels = torch.zeros(21, dtype=torch.long)
     shards = [sum((batch.indices.tolist() for batch in DeviceLoader(images, labels, 4, seed=1, rank=r, world_size=2)), []) for r in range(2)]
     assert not set(shards[0]) & set(shards[1]) and len(shards[0]) == len(shards[1]) == 10
+
+
+def test_host_to_device_copies_are_per_epoch_not_per_step():
+    """Each step only slices device tensors: the number of .to() calls in an epoch does not grow with its steps
+    (three blocking copies per step would make a GPU wait for the CPU every step)."""
+    from torch.overrides import TorchFunctionMode
+
+    class CountTo(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.to:
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    images = torch.randint(0, 255, (64, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(64) % 4
+    counts = []
+    for batch_size in (32, 4):  # 2 steps, then 16 steps
+        loader = DeviceLoader(images, labels, batch_size, extras={"ig": torch.rand(64, 8, 8)})
+        with CountTo() as mode:
+            steps = sum(1 for _ in loader)
+        counts.append((steps, mode.calls))
+    assert counts[0][0] == 2 and counts[1][0] == 16
+    assert counts[0][1] == counts[1][1], counts

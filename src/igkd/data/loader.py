@@ -21,7 +21,7 @@ from igkd.errors import IgkdError
 
 @dataclass
 class Batch:
-    indices: torch.Tensor  # int64 [B], indices into the split the loader was built on
+    indices: torch.Tensor  # int64 [B] on the loader's device, indices into the split it was built on
     images: torch.Tensor  # float32 [B, 3, H, W] in [0, 1] (pixel space, not normalised)
     labels: torch.Tensor  # int64 [B]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # float32, same crop/flip as images
@@ -114,27 +114,28 @@ class DeviceLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        order, dx, dy, flips = self._epoch_order()
+        # The epoch's order, offsets and flips go to the device once (drawn on the CPU for
+        # reproducibility on any device); each step then only slices device tensors, so no step
+        # waits on a host-to-device copy or a host sync, and the CPU can queue work ahead of a GPU.
         device = self.images.device
+        order, dx, dy, flips = (t.to(device, non_blocking=True) for t in self._epoch_order())
+        pad = self.pad if self.augment else 0
+        geometric = self.augment  # without augmentation every offset is `pad` and no flip: identity
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             if self.drop_last and len(idx) < self.batch_size:
                 break
-            idx_dev = idx.to(device, non_blocking=True)
-            bdx = dx[start : start + len(idx)].to(device)
-            bdy = dy[start : start + len(idx)].to(device)
-            bflip = flips[start : start + len(idx)].to(device)
-            geometric = self.augment or self.flip and bool(bflip.any())
-            images = self.images[idx_dev]
+            step = slice(start, start + len(idx))
+            images = self.images[idx]
             if geometric:
-                images = crop_flip(images, bdx, bdy, bflip, self.pad if self.augment else 0)
+                images = crop_flip(images, dx[step], dy[step], flips[step], pad)
             extras = {}
             for name, tensor in self.extras.items():
-                sample = tensor[idx_dev].float()
+                sample = tensor[idx].float()
                 squeeze = sample.ndim == 3
                 if squeeze:
                     sample = sample[:, None]
                 if geometric:
-                    sample = crop_flip(sample, bdx, bdy, bflip, self.pad if self.augment else 0)
+                    sample = crop_flip(sample, dx[step], dy[step], flips[step], pad)
                 extras[name] = sample[:, 0] if squeeze else sample
-            yield Batch(idx, images.float().div_(255), self.labels[idx_dev], extras)
+            yield Batch(idx, images.float().div_(255), self.labels[idx], extras)
