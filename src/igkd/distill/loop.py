@@ -24,7 +24,7 @@ from igkd.atomic import append_jsonl, atomic_torch_save, atomic_write_json, atom
 from igkd.data.dataset import Dataset
 from igkd.data.loader import DeviceLoader
 from igkd.data.splits import stratified_subset, train_val_split
-from igkd.devices import autocast, prepare_model, resolve_device
+from igkd.devices import autocast, frozen_copy, prepare_model, resolve_device
 from igkd.distill.config import TrainConfig
 from igkd.distill.distributed import DistContext
 from igkd.distill.losses import FeatureTap, attention_transfer_loss, default_attention_layer, kd_loss
@@ -77,12 +77,14 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # One fused kernel per step for all parameters on CUDA (the for-each path launches several per tensor list).
+    fused = {"fused": True} if next(model.parameters()).device.type == "cuda" else {}
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, **fused)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr)
+        return torch.optim.AdamW(groups, lr=config.lr, **fused)
     # Adam's weight_decay is L2 in the gradient, as in the reference (which used none).
-    return torch.optim.Adam(groups, lr=config.lr)
+    return torch.optim.Adam(groups, lr=config.lr, **fused)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -130,6 +132,8 @@ class Trainer:
         device = resolve_device(config.device)
         self.dist = DistContext.from_env(device.type)
         self.device = self.dist.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
         self._check_inputs(teacher, ig_maps)
         self._prepare_folder()
 
@@ -150,6 +154,7 @@ class Trainer:
             extras=extras,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
+            drop_last=config.compile,  # a compiled step sees one batch shape, not a new one each epoch end
         )
 
         if teacher is not None:
@@ -162,7 +167,7 @@ class Trainer:
         self.teacher = None
         self.reference_teacher = prepare_model(teacher, self.device).eval() if teacher is not None else None
         if teacher is not None and config.uses_teacher:
-            self.teacher = prepare_model(teacher, self.device).eval().requires_grad_(False)
+            self.teacher = frozen_copy(teacher, self.device, bf16=config.amp and self.device.type == "cuda")
         self.taps = None
         if config.gamma > 0:
             t_layer = config.at_teacher_layer or default_attention_layer(self.teacher, config.at_divider)
@@ -179,6 +184,7 @@ class Trainer:
         self.optimizer = _optimizer(config, self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config, len(self.loader)))
         self.start_epoch, self.teacher_test = 1, None
+        self._val: tuple[torch.Tensor, torch.Tensor] | None = None
         self.wall_before = 0.0
 
     # -- set-up -------------------------------------------------------------------------------
@@ -215,7 +221,9 @@ class Trainer:
         path = self.out / CHECKPOINT
         if not (self.resume and path.exists()):
             return
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        # On the CPU: RNG states must be CPU ByteTensors (torch.set_rng_state, Generator.set_state);
+        # load_state_dict then copies weights and optimizer state onto the model's device.
+        state = torch.load(path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -256,12 +264,13 @@ class Trainer:
             logits = self.train_model(images)
             teacher_logits = None
             if self.teacher is not None:
-                with torch.no_grad():
+                with torch.inference_mode():
                     teacher_logits = self.teacher(images)  # the same augmented view the student saw
+                teacher_logits = teacher_logits.clone()  # an ordinary tensor: the loss may keep it for backward
         loss = kd_loss(logits, teacher_logits if config.alpha > 0 else None, batch.labels, config.alpha, config.temperature, config.label_smoothing)
         if self.taps is not None:
             student_tap, teacher_tap = self.taps
-            loss = loss + attention_transfer_loss(student_tap.take(), teacher_tap.take(), config.gamma)
+            loss = loss + attention_transfer_loss(student_tap.take(), teacher_tap.take().clone(), config.gamma)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -272,7 +281,9 @@ class Trainer:
         if split == "val":
             if len(self.val_idx) == 0:
                 return None
-            images, labels = self.dataset.train.images[self.val_idx], self.dataset.train.labels[self.val_idx]
+            if self._val is None:  # gathered once, not every epoch
+                self._val = (self.dataset.train.images[self.val_idx], self.dataset.train.labels[self.val_idx])
+            images, labels = self._val
         else:
             images, labels = self.dataset.test.images, self.dataset.test.labels
         return evaluate(self.model, images, labels, self.dataset.classes, self.config.eval_batch_size, self.device)
