@@ -25,6 +25,7 @@ _STAGES = (
     "igkd.evaluate.commands",
     "igkd.deploy.commands",
     "igkd.experiments.commands",
+    "igkd.experiments.reproduce",
     "igkd.report.commands",
     "igkd.demo",
 )

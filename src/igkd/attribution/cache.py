@@ -173,6 +173,15 @@ def open_attributions(
     return AttributionCache(directory, maps, manifest, hashlib.sha256(raw).hexdigest())
 
 
+def content_identity(manifest: dict) -> str:
+    """sha256 of what a cache's maps are (teacher, data, method, parameters, precision), not of how or
+    when they were made: a cache recomputed for the same teacher and settings on another machine (the
+    next GPU job) has the same content identity, though its manifest bytes differ."""
+    keys = [k for k in manifest if k not in RUN_FIELDS and k not in ("maps_sha256", "max_batch", "chunk_size", "precision_requested", "precision_check", "completeness", "maps_file")]
+    text = json.dumps({k: manifest[k] for k in sorted(keys)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _identity(model, dataset, split, n, height, width, method, params, reduction, target, teacher_sha256) -> dict:
     """The manifest fields that define the maps; a cache is reused only if all are equal."""
     return {

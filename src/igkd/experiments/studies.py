@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from igkd.atomic import atomic_write_json, atomic_write_text
 from igkd.distill import METHODS, resolve_config, run_training
@@ -80,6 +81,7 @@ class StudyOptions:
     agreement_steps: int = 32
     robustness: str | None = None  # corruption spec for igkd.evaluate.robustness
     progress: bool = True
+    on_epoch_end: Callable[[int, dict], None] | None = None  # called after each epoch's checkpoint (igkd reproduce's budget)
 
     def config(self, method: str, student: str, seed: int, subset: float = 1.0, subset_seed: int | None = None, **overrides):
         values = dict(self.config_values or {})
@@ -180,7 +182,10 @@ def attributions_record(path: str | Path | None, teacher: dict | None, dataset) 
     from igkd.attribution import open_attributions
 
     cache = open_attributions(path, teacher_sha256=teacher["sha256"], dataset_fingerprint=dataset.fingerprint, split="train")
-    return {"path": str(Path(path).resolve()), "manifest_sha256": cache.manifest_sha256, "n_steps": cache.manifest.get("n_steps")}
+    from igkd.attribution.cache import content_identity
+
+    return {"path": str(Path(path).resolve()), "manifest_sha256": cache.manifest_sha256, "identity_sha256": content_identity(cache.manifest),
+            "n_steps": cache.manifest.get("n_steps")}
 
 
 def input_records(options: StudyOptions, dataset, configs: dict) -> tuple[dict | None, dict | None]:
@@ -283,13 +288,14 @@ def _pairing(kind: str, subset: float, independent: bool) -> tuple[bool, str]:
     return True, "run r of every method uses seed r on the full training split (minus validation)"
 
 
-def _describe(study: dict) -> dict:
+def _describe(study: dict, attributions_key: str = "identity_sha256") -> dict:
     """The parts of a study that must not change when it is continued."""
     return {
         "kind": study["kind"],
         "dataset": study["dataset"]["fingerprint"],
         "teacher": (study.get("teacher") or {}).get("sha256"),
-        "attributions": (study.get("attributions") or {}).get("manifest_sha256"),
+        # what the maps are, not the manifest's bytes: a cache rebuilt on the next machine continues the study
+        "attributions": (study.get("attributions") or {}).get(attributions_key),
         "subset": study["subset"],
         "independent": study.get("independent", False),
         **({} if study["kind"] == "sweep-cf" else {"students": study["students"]}),
@@ -301,7 +307,8 @@ def _merge(saved: dict, new: dict, path: Path) -> dict:
     """``saved`` grown by ``new``'s methods, runs and (sweep) students; IgkdError on any other difference."""
     if saved.get("format") != FORMAT or saved.get("format_version") != FORMAT_VERSION:
         raise IgkdError(f"{path} is not an igkd study file (format {saved.get('format')!r} version {saved.get('format_version')!r})")
-    old, now = _describe(saved), _describe(new)
+    key = "identity_sha256" if "identity_sha256" in (saved.get("attributions") or {}) or not saved.get("attributions") else "manifest_sha256"  # studies of 0.1.0
+    old, now = _describe(saved, key), _describe(new, key)
     for key in old:
         if old[key] != now[key]:
             raise IgkdError(
@@ -450,6 +457,7 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
                 attributions_dir=attributions["path"] if attributions and config.p > 0 else None,
                 resume=True,
                 progress=options.progress,
+                on_epoch_end=options.on_epoch_end,
             )
             trained_times.append(time.perf_counter() - started)
             _results_csv(study, out)
