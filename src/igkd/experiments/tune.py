@@ -429,9 +429,11 @@ def run_tune(
         "seed": seed,
     }
     new = _study_record(dataset, base, teacher, attributions, options, tune_meta)
-    record = studies.open_study(out, new)
+    studies.open_study(out, new)  # refuse a foreign or different folder before creating anything in it
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / studies.STUDY_FILE, record)
+    with studies.study_file_lock(out):  # other workers read-merge-write study.json too: keep every invocation
+        record = studies.open_study(out, new)
+        atomic_write_json(out / studies.STUDY_FILE, record)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures and duplicates are reported by our own lines
     sampler_seed = seed if sampler_seed is None else sampler_seed
