@@ -250,7 +250,7 @@ def test_a_checkpoint_holding_code_is_refused_in_our_words(world, tmp_path, caps
     assert "if you trust the file" in line and "Weights only load failed" not in line
     model_file = tmp_path / "model.pt"
     with open(model_file, "wb") as handle:
-        pickle.dump(_Payload(), handle)
+        pickle.dump(_Payload(), handle, protocol=2)
     line = one_error(["evaluate", "--checkpoint", model_file, "--dataset", "folder", "--data-dir", world["data"]], capsys)
     assert str(model_file) in line and "will not load" in line
 

@@ -15,9 +15,9 @@ from typing import Any
 from igkd.errors import IgkdError
 
 CONVERT_HINT = (
-    "if you trust the file, convert it yourself in a Python session: "
-    "state = torch.load(PATH, weights_only=False); torch.save(model_or_state.state_dict(), 'weights.pt') "
-    "(or igkd.models.save_model(...) to write an igkd .safetensors file), then give igkd the new file"
+    "if you trust the file and its source, convert it in your own Python session: load it there, "
+    "then save only the weights (torch.save(model.state_dict(), 'weights.pt'), or igkd.models.save_model(path, model) "
+    "for an igkd .safetensors file) and give igkd that file"
 )
 
 
@@ -28,10 +28,12 @@ def load_torch(path: str | Path, *, map_location: Any = "cpu", what: str = "chec
     path = Path(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise IgkdError(
-            f"{what} {path} holds code or Python objects that igkd will not load (only tensors and plain containers are read); {CONVERT_HINT}"
-        ) from None
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err):  # the weights-only unpickler refused a class or function reference: the file holds code
+            raise IgkdError(
+                f"{what} {path} holds code or Python objects that igkd will not load (only tensors and plain containers are read); {CONVERT_HINT}"
+            ) from None
+        raise IgkdError(f"cannot read {what} {path} as a PyTorch file (not a weights-only pickle): it is damaged or of another format; restore it, or delete it to start over") from None
     except (OSError, MemoryError) as err:
         if isinstance(err, OSError) and err.filename is not None:
             raise
