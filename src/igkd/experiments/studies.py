@@ -20,7 +20,7 @@ Kinds (each a function here and an ``igkd`` command):
 
 Runs are ordered seed-major (seed 0 of every method, then seed 1, ...), so a
 study stopped half-way is still balanced across methods. Re-running the same
-command continues it: finished runs (``summary.json`` present) are skipped and an
+command continues it: finished runs (a readable ``summary.json``) are skipped and an
 interrupted run resumes from its checkpoint. A re-run may *grow* the study (more
 seeds/runs, more methods, more students for a sweep); anything else that differs
 from ``study.json`` (data, teacher, attributions, any training setting) is
