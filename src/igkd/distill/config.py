@@ -207,6 +207,7 @@ def validate(config: TrainConfig) -> None:
         (config.epochs >= 1, f"epochs must be at least 1, got {config.epochs}"),
         (config.width > 0, f"width must be positive (a width multiplier such as 0.5 or 1.0), got {config.width}"),
         (config.batch_size >= 1, f"batch_size must be at least 1, got {config.batch_size}"),
+        (config.eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {config.eval_batch_size}"),
         (config.lr > 0, f"lr must be positive, got {config.lr}"),
         (0 <= config.alpha <= 1, f"alpha must be in [0, 1], got {config.alpha}"),
         (config.temperature > 0, f"temperature must be positive, got {config.temperature}"),
