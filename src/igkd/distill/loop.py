@@ -33,8 +33,8 @@ from igkd.errors import IgkdError
 from igkd.evaluate.accuracy import evaluate
 from igkd.models import build_model, count_parameters, save_model
 from igkd.progress import progress_bar
-from igkd.torch_io import load_torch
 from igkd.provenance import environment
+from igkd.torch_io import load_torch
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
