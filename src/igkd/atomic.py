@@ -33,10 +33,30 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+            raise _with_path(err, path) from err  # e.g. ENOSPC from write(): say which file
         raise
+
+
+def _with_path(err: OSError, path: Path) -> OSError:
+    return type(err)(err.errno, err.strerror or os.strerror(err.errno), str(path))
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, names) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files that writes killed half-way (``kill -9``) left in ``directory``."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for name in names:
+        for stale in directory.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+                removed.append(stale)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -61,7 +81,12 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line and fsync (metrics logs)."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, default=str) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise _with_path(err, Path(path)) from err
+        raise

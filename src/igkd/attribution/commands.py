@@ -59,33 +59,39 @@ def register(app: typer.Typer) -> None:
         from igkd.attribution.cache import compute_attributions
         from igkd.data import load_dataset
         from igkd.distill.run import load_teacher
+        from igkd.locking import sibling_lock
 
+        if max_batch is not None and max_batch < 1:
+            raise IgkdError(f"--max-batch must be at least 1 (samples per forward/backward pass), got {max_batch}; or leave it out for the device default")
+        if out.exists() and not out.is_dir():
+            raise IgkdError(f"--out {out} is a file: give a folder for the cache")
         model, teacher_info = load_teacher(teacher)  # a model file or a run folder; sha256 of the file
         data = load_dataset(dataset, data_dir, progress=not as_json)
         options = {}
         if samples is not None:
             options["nt_samples" if method == "smoothgrad" else "n_samples"] = samples
         options.update({k: v for k, v in {"stdevs": stdevs, "seed": seed, "blur_sigma": blur_sigma}.items() if v is not None})
-        cache = compute_attributions(
-            model,
-            data,
-            out,
-            split=split,
-            method=method,
-            reduction=reduction,
-            n_steps=steps,
-            baseline=baseline,
-            rule=rule,
-            target=target,
-            method_options=options,
-            chunk_size=chunk_size,
-            max_batch=max_batch,
-            precision=precision,
-            device=device,
-            teacher_sha256=teacher_info["sha256"],
-            force=force,
-            progress=not as_json,
-        )
+        with sibling_lock(out, what=f"attribution cache {out}"):  # two computations never write one cache at once
+            cache = compute_attributions(
+                model,
+                data,
+                out,
+                split=split,
+                method=method,
+                reduction=reduction,
+                n_steps=steps,
+                baseline=baseline,
+                rule=rule,
+                target=target,
+                method_options=options,
+                chunk_size=chunk_size,
+                max_batch=max_batch,
+                precision=precision,
+                device=device,
+                teacher_sha256=teacher_info["sha256"],
+                force=force,
+                progress=not as_json,
+            )
         if as_json:
             print(json.dumps({"path": str(cache.path), "reused": cache.reused, "manifest_sha256": cache.manifest_sha256, "manifest": cache.manifest}, indent=2, default=str))
         else:

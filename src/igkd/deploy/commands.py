@@ -225,11 +225,13 @@ def register(app: typer.Typer) -> None:
         from igkd.data import load_dataset
         from igkd.deploy.export import check_destination
         from igkd.deploy.latency import check_counts
-        from igkd.deploy.quantize import quantize_onnx
+        from igkd.deploy.quantize import calibration_indices, check_calibration_method, quantize_onnx
         from igkd.models import load_model
 
         if dataset is None:
             raise IgkdError("--dataset is required: its training images calibrate the int8 ranges and its test images measure the accuracy cost")
+        check_calibration_method(method)
+        calibration_indices(1, calibration_size, seed)  # refuses --calibration-size < 1 before any work
         check_counts(repeats, warmup)
         out = check_destination(out or checkpoint.with_suffix(".int8.onnx"))
         model, meta = load_model(checkpoint)

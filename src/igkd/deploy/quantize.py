@@ -48,6 +48,12 @@ class _CalibrationReader:
         self.position = 0
 
 
+def check_calibration_method(method: str) -> str:
+    if method not in CALIBRATION_METHODS:
+        raise IgkdError(f"unknown calibration method {method!r}: use {', '.join(CALIBRATION_METHODS)} (--calibration-method)")
+    return method
+
+
 def calibration_indices(num_train: int, size: int, seed: int) -> torch.Tensor:
     """A seeded random subset of training indices (sorted); all of them if ``size`` >= N."""
     if size < 1:
@@ -137,8 +143,9 @@ def quantize_onnx(
     from igkd.evaluate import accuracy_report
     from igkd.provenance import environment
 
+    check_calibration_method(method)  # before the export and calibration, not after
     out = check_destination(out)
-    check_counts(repeats, warmup, batch_sizes)  # before the export and calibration, not after
+    check_counts(repeats, warmup, batch_sizes)
     if model.num_classes != dataset.num_classes:
         raise IgkdError(
             f"the model has {model.num_classes} outputs but dataset {dataset.name!r} has {dataset.num_classes} classes: "

@@ -23,6 +23,7 @@ configuration is saved with every run.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,54 @@ def _check_keys(values: dict, where: str) -> None:
         raise IgkdError(f"unknown key {unknown[0]!r} in {where} (valid keys: {', '.join(sorted(FIELDS - {'extra'}))})")
 
 
+def _expected_type(name: str) -> tuple[str, tuple[type, ...], bool]:
+    """(description, accepted types, None allowed) of a TrainConfig field, from its annotation."""
+    annotation = str(_FIELD_TYPES[name])
+    optional = "None" in annotation
+    base = annotation.replace("| None", "").replace("None |", "").strip()
+    return {
+        "int": ("a whole number", (int,), optional),
+        "float": ("a number", (int, float), optional),
+        "bool": ("true or false", (bool,), optional),
+        "str": ("a text value", (str,), optional),
+        "dict": ("a mapping", (dict,), optional),
+    }.get(base, (base, (object,), optional))
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def check_types(values: dict, where: str) -> dict:
+    """``values`` with each value checked against its field's type; IgkdError naming key, value, place and type.
+
+    Whole numbers only for int fields (1.5 and 'abc' are refused), ints or floats for float fields
+    (also a numeric string such as '1e-3', which YAML 1.1 reads as text), true/false only for bools.
+    """
+    checked = dict(values)
+    for key, value in values.items():
+        if key not in _FIELD_TYPES:
+            continue
+        described, accepted, optional = _expected_type(key)
+        if value is None and optional:
+            continue
+        if float in accepted and isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(number):
+                    checked[key] = value = number
+        ok = isinstance(value, accepted) and not (isinstance(value, bool) and bool not in accepted)
+        if float in accepted and ok and not math.isfinite(value):
+            ok = False
+        if not ok:
+            default = TrainConfig.__dataclass_fields__[key].default
+            example = f", e.g. {key}: {default}" if default is not dataclasses.MISSING and default is not None else ""
+            raise IgkdError(f"{key} = {value!r} in {where} is not {described}{' (or null)' if optional else ''}{example}: fix that value")
+    return checked
+
+
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
@@ -131,7 +180,7 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(values, dict):
         raise IgkdError(f"config file {path} must hold a mapping of keys to values")
     _check_keys(values, str(path))
-    return values
+    return check_types(values, f"config file {path}")
 
 
 def resolve_config(method: str = "student", recipe: str = "paper", yaml_values: dict | None = None, **overrides) -> TrainConfig:
@@ -148,7 +197,7 @@ def resolve_config(method: str = "student", recipe: str = "paper", yaml_values: 
     _check_keys(given, "the command-line options")
     values.update(given)
     _check_keys(values, "the configuration")
-    config = TrainConfig(**values)
+    config = TrainConfig(**check_types(values, "the configuration"))
     validate(config)
     return config
 
@@ -156,7 +205,9 @@ def resolve_config(method: str = "student", recipe: str = "paper", yaml_values: 
 def validate(config: TrainConfig) -> None:
     checks = [
         (config.epochs >= 1, f"epochs must be at least 1, got {config.epochs}"),
+        (config.width > 0, f"width must be positive (a width multiplier such as 0.5 or 1.0), got {config.width}"),
         (config.batch_size >= 1, f"batch_size must be at least 1, got {config.batch_size}"),
+        (config.eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {config.eval_batch_size}"),
         (config.lr > 0, f"lr must be positive, got {config.lr}"),
         (0 <= config.alpha <= 1, f"alpha must be in [0, 1], got {config.alpha}"),
         (config.temperature > 0, f"temperature must be positive, got {config.temperature}"),

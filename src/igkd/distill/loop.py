@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from igkd.atomic import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text
+from igkd.atomic import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from igkd.data.dataset import Dataset
 from igkd.data.loader import DeviceLoader
 from igkd.data.splits import stratified_subset, train_val_split
@@ -34,12 +34,15 @@ from igkd.evaluate.accuracy import evaluate
 from igkd.models import build_model, count_parameters, save_model
 from igkd.progress import progress_bar
 from igkd.provenance import environment
+from igkd.torch_io import load_torch
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 MODEL = "model.safetensors"
+#: The files a run writes atomically; a kill mid-write leaves ``.<name>.*.tmp``, removed when the run starts again.
+RUN_FILES = (CHECKPOINT, METRICS, SUMMARY, CONFIG, MODEL)
 
 
 def split_indices(config: TrainConfig, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +108,30 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
     """Keep only epochs <= last_epoch, so a resumed run logs every epoch exactly once."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+    lines = [line for line in path.read_text().splitlines() if line.strip() and _metrics_epoch(line) <= last_epoch]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _metrics_epoch(line: str) -> float:
+    """The epoch of a metrics line; a line cut short by a kill counts as past every checkpoint (dropped)."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def read_summary(path: Path) -> dict | None:
+    """A finished run's summary.json, or None when it is missing or unreadable (then the run is not finished)."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and "test_accuracy" in summary else None
+
+
+def run_environment(device: torch.device) -> dict:
+    """What a resumed run must share to continue bit-identically (docs/faults.md): CPU threads and device type."""
+    return {"threads": torch.get_num_threads(), "device_type": device.type}
 
 
 class Trainer:
@@ -216,6 +241,9 @@ class Trainer:
                     f"(e.g. {changed[0]}={saved.get(changed[0])!r} there vs {current[changed[0]]!r} now); use the same options or another --out"
                 )
         atomic_write_json(config_path, self.config.to_dict())
+        remove_stale_temporaries(self.out, RUN_FILES)  # left by a write killed half-way
+        if not (self.out / CHECKPOINT).exists():
+            _truncate_metrics(self.out / METRICS, 0)  # killed before its first checkpoint: its epochs start over
 
     def _load_checkpoint(self) -> None:
         path = self.out / CHECKPOINT
@@ -223,7 +251,8 @@ class Trainer:
             return
         # On the CPU: RNG states must be CPU ByteTensors (torch.set_rng_state, Generator.set_state);
         # load_state_dict then copies weights and optimizer state onto the model's device.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch(path, map_location="cpu", what="training checkpoint")
+        self._check_environment(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -250,8 +279,21 @@ class Trainer:
                 "epoch": epoch,
                 "teacher_test": self.teacher_test,
                 "wall_time_s": wall,
+                **run_environment(self.device),
             },
         )
+
+    def _check_environment(self, state: dict) -> None:
+        """Warn (one line) when the run resumes with other CPU threads or another device type than it was saved with."""
+        saved = {key: state.get(key) for key in ("threads", "device_type")}
+        now = run_environment(self.device)
+        changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if saved[key] is not None and saved[key] != now[key]]
+        if changed and self.dist.is_main:
+            print(
+                f"warning: resuming {self.out} with {', '.join(changed)}: the result will not be bit-identical to an uninterrupted run "
+                "(set the same threads, e.g. OMP_NUM_THREADS, and device to reproduce it)",
+                file=sys.stderr,
+            )
 
     # -- training -----------------------------------------------------------------------------
     def _step(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,8 +333,10 @@ class Trainer:
     def run(self) -> dict:
         config = self.config
         summary_path = self.out / SUMMARY
-        if self.resume and summary_path.exists():
-            return json.loads(summary_path.read_text())
+        if self.resume:
+            finished = read_summary(summary_path)
+            if finished is not None:
+                return finished
         self._load_checkpoint()
         if self.reference_teacher is not None and self.teacher_test is None:
             self.teacher_test = self.dataset_accuracy(self.reference_teacher)

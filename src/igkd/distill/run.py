@@ -11,6 +11,15 @@ from igkd.distill.loop import MODEL, train
 from igkd.errors import IgkdError
 
 
+def refuse_foreign_folder(out_dir: str | Path) -> None:
+    """A run folder must not be an attribution cache or a study folder (their files would mix)."""
+    out = Path(out_dir)
+    if (out / "manifest.json").is_file():
+        raise IgkdError(f"--out {out} holds an attribution cache (manifest.json): give a new folder for the run")
+    if (out / "study.json").is_file():
+        raise IgkdError(f"--out {out} is a study folder (study.json): give a new folder for the run")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model file, or a run folder holding ``model.safetensors``."""
     path = Path(path)
@@ -33,13 +42,20 @@ def load_teacher(path: str | Path) -> tuple[torch.nn.Module, dict]:
 
 
 def load_ig_maps(directory: str | Path, teacher_sha256: str, dataset) -> tuple[torch.Tensor, dict]:
-    """The cached maps [N, H, W] (float16) of the training split, refused unless built for this teacher and data."""
+    """The cached maps [N, H, W] (float16) of the training split, refused unless built for this teacher and data.
+
+    The maps file is read whole anyway, so it is also checked: its sha256 against the manifest's, and every value finite.
+    """
     import numpy as np
 
     from igkd.attribution import open_attributions
+    from igkd.attribution.cache import MAPS_FILE, REBUILD_HINT
 
-    cache = open_attributions(directory, teacher_sha256=teacher_sha256, dataset_fingerprint=dataset.fingerprint, split="train")
+    cache = open_attributions(directory, teacher_sha256=teacher_sha256, dataset_fingerprint=dataset.fingerprint, split="train", verify=True)
     maps = torch.from_numpy(np.array(cache.maps))  # a private, writable copy of the memmap
+    if not bool(torch.isfinite(maps).all()):
+        bad = int((~torch.isfinite(maps)).any(dim=(1, 2)).sum())
+        raise IgkdError(f"attribution maps {Path(directory) / MAPS_FILE} hold NaN/inf values in {bad} of {len(maps)} maps (a damaged cache or a broken teacher): {REBUILD_HINT}")
     info = {"path": str(directory), "manifest_sha256": cache.manifest_sha256, "method": cache.manifest.get("method"), "n_steps": cache.manifest.get("n_steps")}
     return maps, info
 
@@ -55,6 +71,7 @@ def run_training(
     progress: bool = True,
     on_epoch_end=None,
 ) -> dict:
+    refuse_foreign_folder(out_dir)
     teacher, teacher_info = (None, None)
     if teacher_path is not None:
         teacher, teacher_info = load_teacher(teacher_path)

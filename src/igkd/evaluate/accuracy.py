@@ -7,9 +7,18 @@ import torch
 from igkd.devices import autocast
 
 
+def check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        from igkd.errors import IgkdError
+
+        raise IgkdError(f"--batch-size must be a whole number of at least 1, got {batch_size!r}")
+    return batch_size
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 500, device=None) -> torch.Tensor:
     """Logits (float32, CPU) for uint8 images [N, 3, H, W], in order, model in eval mode."""
+    check_batch_size(batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -45,11 +45,12 @@ def register(app: typer.Typer) -> None:
         from igkd.devices import resolve_device
         from igkd.distill.run import resolve_checkpoint
         from igkd.errors import IgkdError
-        from igkd.evaluate.accuracy import evaluate
+        from igkd.evaluate.accuracy import check_batch_size, evaluate
         from igkd.models import load_model
 
         if split not in ("test", "train"):
             raise IgkdError(f"unknown split {split!r}: use test or train")
+        check_batch_size(batch_size)
         path = resolve_checkpoint(checkpoint)
         model, meta = load_model(path)
         data = load_dataset(dataset, data_dir, progress=not as_json)
@@ -98,9 +99,11 @@ def register(app: typer.Typer) -> None:
         from igkd.errors import IgkdError
         from igkd.evaluate.corruptions import parse_corruption_spec
         from igkd.evaluate.robustness import evaluate_robustness_models, print_robustness, save_robustness
+        from igkd.evaluate.accuracy import check_batch_size
         from igkd.models import load_model
 
         parse_corruption_spec(corruptions)
+        check_batch_size(batch_size)
         paths = [resolve_checkpoint(c) for c in checkpoints]
         models = [load_model(p) for p in paths]
         data = load_dataset(dataset, data_dir, progress=not as_json)

@@ -20,7 +20,7 @@ Kinds (each a function here and an ``igkd`` command):
 
 Runs are ordered seed-major (seed 0 of every method, then seed 1, ...), so a
 study stopped half-way is still balanced across methods. Re-running the same
-command continues it: finished runs (``summary.json`` present) are skipped and an
+command continues it: finished runs (a readable ``summary.json``) are skipped and an
 interrupted run resumes from its checkpoint. A re-run may *grow* the study (more
 seeds/runs, more methods, more students for a sweep); anything else that differs
 from ``study.json`` (data, teacher, attributions, any training setting) is
@@ -29,22 +29,21 @@ refused, because its runs would no longer be comparable.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from igkd.atomic import atomic_write_json, atomic_write_text
+from igkd.atomic import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from igkd.distill import METHODS, resolve_config, run_training
 from igkd.errors import IgkdError
 from igkd.experiments.agreement import AGREEMENT_FILE, measure_agreement
+from igkd.locking import folder_lock
 
 STUDY_FILE = "study.json"
 RESULTS_FILE = "results.csv"
@@ -349,7 +348,7 @@ def open_study(out: Path, new: dict) -> dict:
         return _merge(read_study_file(path), new, path)
     if out.exists() and not out.is_dir():
         raise IgkdError(f"--out {out} is a file: give a folder for the study")
-    if out.is_dir() and any(not (p.name.startswith(f".{STUDY_FILE}.") or p.name == ".lock") for p in out.iterdir()):  # a write in flight
+    if out.is_dir() and any(not (p.name.startswith(f".{STUDY_FILE}.") or p.name == ".lock") for p in out.iterdir()):  # a write in flight, the locks
         raise IgkdError(f"{out} is not empty and holds no {STUDY_FILE}: choose an empty or new folder for the study")
     return new
 
@@ -430,6 +429,13 @@ def _duration(seconds: float) -> str:
     return f"about {seconds / 3600:.1f} h"
 
 
+def _finished(run_dir: Path) -> bool:
+    """A run is finished when its summary.json is readable; a damaged one is trained again (it resumes)."""
+    from igkd.distill.loop import read_summary
+
+    return read_summary(run_dir / "summary.json") is not None
+
+
 def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
     """Train every unfinished run of the plan in order; skip finished ones, resume interrupted ones."""
     plan = study["plan"]
@@ -440,10 +446,10 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
     for i, entry in enumerate(plan, 1):
         run_dir = out / RUNS_DIR / entry["run_id"]
         label = f"{entry['method']} {entry['student']} seed {entry['seed']}" + (f" subset {study['subset']:g}/{entry['subset_seed']}" if study["subset"] < 1 else "")
-        if (run_dir / "summary.json").exists():
+        if _finished(run_dir):
             say(options, f"[dim]study {study['kind']}: run {i}/{total} {entry['run_id']} finished earlier: skipped[/dim]")
         else:
-            remaining = sum(not (out / RUNS_DIR / e["run_id"] / "summary.json").exists() for e in plan[i - 1 :])
+            remaining = sum(not _finished(out / RUNS_DIR / e["run_id"]) for e in plan[i - 1 :])
             eta = f", {_duration(remaining * sum(trained_times) / len(trained_times))} left" if trained_times else ""
             resumed = " (resuming its checkpoint)" if (run_dir / "checkpoint.pt").exists() else ""
             say(options, f"[bold]study {study['kind']}: run {i}/{total}[/bold] {label} -> {run_dir}{resumed}{eta}")
@@ -472,29 +478,15 @@ def refuse_torchrun() -> None:
         )
 
 
-@contextlib.contextmanager
 def study_lock(out: Path):
-    """Hold ``out/.lock`` while training, so two processes never run the same study folder at once.
+    """Hold ``out/.lock`` while training, so two processes never run the same study folder at once
+    (:func:`igkd.locking.folder_lock`; released when the process dies)."""
+    return folder_lock(out, what=f"study {out}")
 
-    An OS file lock (``fcntl.flock``) is released when its process dies, so a
-    killed study never leaves a stale lock. Where ``fcntl`` is missing (Windows)
-    there is no lock.
-    """
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(out / ".lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            raise IgkdError(f"{out} is being run by another process ({handle.read().strip() or 'unknown'}); wait for it or stop it first") from None
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {platform.node()}\n")
-        handle.flush()
-        yield
+
+def study_file_lock(out: Path):
+    """Held briefly while study.json is read, merged and written, so concurrent tune workers keep every invocation."""
+    return folder_lock(out, name=".study.json.lock", wait=True, what=f"study {out}")
 
 
 def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: float = 1.0, independent: bool = False, options: StudyOptions) -> dict:
@@ -537,6 +529,7 @@ def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: floa
     study["plan"] = build_plan(kind, study["methods"], study["students"], study["runs"], subset, independent, params, reference)
     out.mkdir(parents=True, exist_ok=True)
     with study_lock(out):
+        remove_stale_temporaries(out, (STUDY_FILE, RESULTS_FILE))  # left by a write killed half-way
         atomic_write_json(out / STUDY_FILE, study)
         try:
             _execute(study, out, dataset, options)

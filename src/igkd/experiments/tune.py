@@ -429,9 +429,7 @@ def run_tune(
         "seed": seed,
     }
     new = _study_record(dataset, base, teacher, attributions, options, tune_meta)
-    record = studies.open_study(out, new)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / studies.STUDY_FILE, record)
+    record = join_study_file(out, new)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures and duplicates are reported by our own lines
     sampler_seed = seed if sampler_seed is None else sampler_seed
@@ -465,6 +463,17 @@ def run_tune(
     if running:
         studies.say(options, f"tune: nothing left to start here; {running} trial(s) still running in other workers")
     return studies.load_study(out)
+
+
+def join_study_file(out: Path, new: dict) -> dict:
+    """study.json grown by this worker's record (its invocation), read-merged-written under a lock
+    so that workers starting together keep every invocation."""
+    studies.open_study(out, new)  # refuse a foreign or different folder before creating anything in it
+    out.mkdir(parents=True, exist_ok=True)
+    with studies.study_file_lock(out):
+        record = studies.open_study(out, new)
+        atomic_write_json(out / studies.STUDY_FILE, record)
+    return record
 
 
 def _check_optuna_study(study, identity: dict) -> None:

@@ -2,7 +2,7 @@
 
 An igkd model file is a safetensors file whose metadata holds the architecture
 spec (JSON) and free-form provenance, so ``load_model(path)`` needs nothing else.
-Also accepted (loaded with ``torch.load(weights_only=True)``):
+Also accepted (loaded with ``torch.load(weights_only=True)`` by :func:`igkd.torch_io.load_torch`):
 
 * igkd training checkpoints (``{"model": state_dict, "spec": {...}, ...}``);
 * the PyTorch_CIFAR10 MobileNetV2 teacher (``features.<i>``, ``classifier.1``), which
@@ -25,6 +25,7 @@ from igkd.atomic import atomic_write_bytes
 from igkd.errors import IgkdError
 from igkd.models.mobilenetv2 import CIFAR10_MEAN, CIFAR10_STD, MobileNetV2CIFAR
 from igkd.models.registry import build_model, model_spec, spec_of
+from igkd.torch_io import load_torch
 
 RAW_INPUT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
@@ -40,7 +41,24 @@ def save_model(path: str | Path, model: MobileNetV2CIFAR, meta: dict | None = No
             value = value.to(dtype)
         state[key] = value
     metadata = {"igkd_spec": json.dumps(spec_of(model)), "igkd_meta": json.dumps(meta or {}, default=str)}
-    atomic_write_bytes(path, save(state, metadata=metadata))
+    atomic_write_bytes(path, canonical_safetensors(save(state, metadata=metadata)))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header in a fixed order, so equal models give equal bytes.
+
+    safetensors writes ``__metadata__`` from a Rust HashMap, whose order changes from process to
+    process; the header is rewritten with sorted keys (the tensor data and offsets are unchanged).
+    """
+    import struct
+
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    metadata = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(metadata.items()))} if metadata is not None else {}) | dict(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned, as safetensors pads it
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
 
 
 def _remap_attention_layout(state: dict) -> dict:
@@ -101,7 +119,7 @@ def load_model(path: str | Path, *, map_location="cpu", expect: str | None = Non
             meta = json.loads(header.get("igkd_meta", "{}"))
             fmt = "igkd-safetensors"
         else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            raw = load_torch(path, map_location="cpu", what="model file")
             if isinstance(raw, dict) and "model" in raw and "spec" in raw:
                 state, spec, fmt = raw["model"], raw["spec"], "igkd-training-checkpoint"
                 meta = {k: v for k, v in raw.items() if k in ("meta", "epoch")}

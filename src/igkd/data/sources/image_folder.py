@@ -20,6 +20,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -182,7 +183,8 @@ def decode_image(blob: bytes, where: str, size: tuple[int, int] | None = None) -
         with Image.open(io.BytesIO(blob), formats=("JPEG", "PNG")) as image:
             pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except Exception as err:  # noqa: BLE001 - any failure to decode a file is bad input
-        raise IgkdError(f"cannot decode the image {where} ({type(err).__name__}: {err}); replace or remove it") from None
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)).strip() or "unreadable data"
+        raise IgkdError(f"cannot decode the image {where} ({type(err).__name__}: {reason}); replace or remove it") from None
     if size is not None and pixels.shape[:2] != tuple(size):
         raise IgkdError(
             f"images of mixed sizes: {where} is {pixels.shape[1]}x{pixels.shape[0]} while the first image is "
