@@ -1,0 +1,109 @@
+"""igkd reproduce --quick on digits: every stage end to end, a stop by --budget, a resume that finishes
+the rest, and a pack -> unpack round trip that continues on "another machine" (another folder)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from igkd.cli import main
+from igkd.errors import IgkdError
+from igkd.experiments.reproduce import STAGES, Budget, BudgetSpent, pack, parse_budget, parse_stages, unpack
+
+
+def run(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code or 0
+
+
+def quick(out, *extra):
+    return ["reproduce", "--dataset", "digits", "--quick", "--device", "cpu", "--out", str(out), *extra]
+
+
+def state(out) -> dict:
+    return json.loads((out / "reproduce.json").read_text())
+
+
+def test_quick_reproduction_stops_by_budget_resumes_elsewhere_and_packs(tmp_path, capsys, monkeypatch):
+    first = tmp_path / "job1"
+    checks = []
+
+    def spent_after_first_epoch(self, stage, needed):  # wall time is not deterministic; the budget's verdict is
+        checks.append((stage, needed))
+        raise BudgetSpent(stage)
+
+    monkeypatch.setattr(Budget, "check", spent_after_first_epoch)
+    assert run(quick(first, "--budget", "1h")) == 3  # a budget spent is a clean, resumable stop (exit 3)
+    monkeypatch.undo()
+    assert checks[0][0] == "teacher" and checks[0][1] > 1.0  # asked at the end of epoch 1: 1.3 x its time + 1 s
+    err = capsys.readouterr().err
+    assert "stopped at stage 1 (teacher)" in err and "resume with the same command" in err
+    assert (first / "teacher" / "checkpoint.pt").exists() and not (first / "teacher" / "summary.json").exists()
+    assert state(first)["stopped_at"] == {"stage": 1, "name": "teacher"}
+
+    # the GPU job ends: pack what is small, unpack it on the next machine and continue there
+    archive = tmp_path / "pack1.tar.gz"
+    assert run(quick(first, "--pack", str(archive))) == 0
+    second = tmp_path / "job2"
+    assert run(quick(second, "--unpack", str(archive))) == 0
+    assert (second / "teacher" / "checkpoint.pt").exists()
+    results = tmp_path / "results"
+    assert run(quick(second, "--results", str(results))) == 0
+    finished = state(second)
+    assert all(finished["stages"][name]["done"] for name in STAGES) and finished["stopped_at"] is None
+    epochs = [json.loads(line)["epoch"] for line in (second / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]  # epoch 1 from the first job, epoch 2 here: resumed, not retrained
+    for study, runs in (("ablation", 8), ("montecarlo", 4), ("sweep", 2)):
+        assert len(list((second / study / "runs").glob("*/summary.json"))) == runs
+    table = (second / "paper-vs-ours.md").read_text()
+    assert "| kd_ig | 92.45 |" in table and "| kd_ig | 92.02 | 0.34 |" in table
+    assert (second / "report" / "report.md").exists() and (second / "latency.json").exists()
+    assert (results / "paper-vs-ours.md").exists() and (results / "report" / "report.md").exists()
+
+    # a finished reproduction packs under the limit, with the teacher and one student per method
+    archive2 = tmp_path / "pack2.tar.gz"
+    listing = pack(second, archive2)
+    assert archive2.stat().st_size < 16 * 2**20 and "teacher/model.safetensors" in listing["files"]
+    assert not any(name.endswith("maps.npy") for name in listing["files"])  # IG maps are rebuilt, not packed
+    students = [name for name in listing["files"] if name.endswith("model.safetensors") and "/runs/" in name]
+    assert len(students) == 8
+    third = tmp_path / "job3"
+    unpack(archive2, third)
+    capsys.readouterr()
+    assert run(quick(third)) == 0  # nothing left: every stage is done, and no IG maps are needed any more
+    err = capsys.readouterr().err
+    assert err.count("done earlier, skipped") == len(STAGES)
+
+
+def test_unpack_refuses_paths_outside_the_folder(tmp_path):
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in (("pack.json", b"{}"), ("../escape.txt", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(IgkdError, match="not a plain file inside the folder"):
+        unpack(archive, tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_budget_check_stops_when_the_next_unit_does_not_fit():
+    budget = Budget(100.0)
+    budget.check("ablation", 50.0)
+    with pytest.raises(BudgetSpent):
+        budget.check("ablation", 150.0)
+    assert Budget(None).left() == float("inf")
+
+
+def test_budget_and_stage_parsing():
+    assert parse_budget("25m") == 1500 and parse_budget("90s") == 90 and parse_budget("1.5h") == 5400 and parse_budget("30") == 30
+    assert parse_stages("1-3") == ["teacher", "ig", "ablation"] and parse_stages("report,teacher") == ["teacher", "report"]
+    for bad in ("soon", "-5m"):
+        with pytest.raises(IgkdError):
+            parse_budget(bad)
+    with pytest.raises(IgkdError, match="unknown stage"):
+        parse_stages("9")
