@@ -92,7 +92,8 @@ def test_stats_tables_fit_80_columns_with_every_method_name(tmp_path, capsys):
 
 def test_warmup_is_a_capped_fraction_of_the_run():
     assert warmup_epochs(resolve_config("student", "teacher", epochs=100)) == 2  # capped: as before at full length
-    assert warmup_epochs(resolve_config("student", "teacher", epochs=3)) == 1.5  # half a short run, not all of it
+    assert warmup_epochs(resolve_config("student", "teacher", epochs=2)) == 1.4  # 70% of a short run, never all of it
+    assert warmup_epochs(resolve_config("student", "teacher", epochs=3)) == 2
     assert warmup_epochs(resolve_config("student", "paper", epochs=3)) == 0
     assert warmup_epochs(resolve_config("student", "teacher", epochs=10, warmup_fraction=1.0, warmup_epochs=5)) == 5
     with pytest.raises(IgkdError, match="warmup_fraction"):
