@@ -191,7 +191,7 @@ def input_records(options: StudyOptions, dataset, configs: dict) -> tuple[dict |
     teacher = teacher_record(options.teacher, dataset)
     needs_maps = any(c.p > 0 for c in configs.values())
     attributions = attributions_record(options.attributions, teacher, dataset) if options.attributions is not None or needs_maps else None
-    if needs_maps:
+    if needs_maps and attributions is not None:
         from igkd.distill.run import check_overlay_reduction
 
         check_overlay_reduction(attributions["reduction"], attributions["path"])  # before the first run, not at the first IG run
