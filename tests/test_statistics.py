@@ -73,7 +73,7 @@ def test_welch_comparison_equals_scipy():
 
 def test_pairing_follows_run_ids_and_the_flag():
     same_ids = group_runs(paper_rows())
-    assert decide_pairing(same_ids)[0] is True
+    assert decide_pairing(same_ids)[0] is False  # equal ids alone are not pairs (the published runs)
     assert decide_pairing(same_ids, paired=False)[0] is False
     assert decide_pairing(same_ids, paired=True)[0] is True
     other_ids = group_runs(paper_rows([f"b{i}" for i in range(10)]))
@@ -82,7 +82,8 @@ def test_pairing_follows_run_ids_and_the_flag():
     with pytest.raises(IgkdError, match="same run ids"):
         decide_pairing(other_ids, paired=True)
     # ... and summarize uses the matching test.
-    assert summarize(paper_rows())["vs_baseline"][0]["test"] == "paired t-test"
+    assert summarize(paper_rows())["vs_baseline"][0]["test"] == "Welch t-test"
+    assert summarize(paper_rows(), paired=True)["vs_baseline"][0]["test"] == "paired t-test"
     assert summarize(paper_rows(), paired=False)["vs_baseline"][0]["test"] == "Welch t-test"
     assert summarize(paper_rows([f"b{i}" for i in range(10)]))["vs_baseline"][0]["test"] == "Welch t-test"
 
@@ -90,7 +91,7 @@ def test_pairing_follows_run_ids_and_the_flag():
 def test_paired_runs_are_matched_by_id_not_by_order():
     rows = paper_rows()
     shuffled = rows[:10] + rows[10:][::-1]
-    assert summarize(shuffled)["vs_baseline"][0]["t"] == pytest.approx(stats.ttest_rel(KD_IG, STUDENT).statistic)
+    assert summarize(shuffled, paired=True)["vs_baseline"][0]["t"] == pytest.approx(stats.ttest_rel(KD_IG, STUDENT).statistic)
 
 
 def test_holm_on_a_known_example():
@@ -104,7 +105,7 @@ def test_holm_on_a_known_example():
 def test_holm_families_are_all_pairs_and_vs_baseline():
     rng = np.random.default_rng(0)
     rows = [(m, str(r), 90 + shift + rng.normal(0, 0.3)) for m, shift in (("A", 0), ("student", 0.2), ("C", 1)) for r in range(8)]
-    summary = summarize(rows, baseline="STUDENT")
+    summary = summarize(rows, baseline="STUDENT", paired=True)
     assert summary["baseline"] == "student"
     assert [m["method"] for m in summary["methods"]] == ["student", "A", "C"]
     assert [(c["a"], c["b"]) for c in summary["vs_baseline"]] == [("student", "A"), ("student", "C")]
@@ -118,13 +119,13 @@ def test_holm_families_are_all_pairs_and_vs_baseline():
 def test_degenerate_comparisons_give_no_p_value_with_a_reason():
     rows = [("student", str(r), 90.0 + r) for r in range(4)] + [("same", str(r), 90.0 + r) for r in range(4)]
     rows += [("shifted", str(r), 90.5 + r) for r in range(4)]
-    by_pair = {(c["a"], c["b"]): c for c in summarize(rows)["all_pairs"]}
+    by_pair = {(c["a"], c["b"]): c for c in summarize(rows, paired=True)["all_pairs"]}
     same = by_pair["student", "same"]
     assert same["p"] is None and same["wilcoxon"]["p"] is None and "zero" in same["wilcoxon"]["reason"]
     shifted = by_pair["student", "shifted"]
     assert shifted["mean_difference"] == pytest.approx(0.5) and shifted["p"] is None and "zero variance" in shifted["reason"]
     assert shifted["wilcoxon"]["p"] is None and "at least 6" in shifted["wilcoxon"]["reason"]
-    json.dumps(summarize(rows), allow_nan=False)  # no NaN or inf anywhere
+    json.dumps(summarize(rows, paired=True), allow_nan=False)  # no NaN or inf anywhere
 
 
 @pytest.mark.parametrize(
@@ -143,7 +144,7 @@ def test_bad_rows_raise_igkd_error(rows, message):
 
 
 def write_paper_csv(path):
-    lines = ["seed,Method,run,accuracy"] + [f"{i},{m},{r},{a}" for i, (m, r, a) in enumerate(paper_rows())]
+    lines = ["note,Method,run,accuracy"] + [f"{i},{m},{r},{a}" for i, (m, r, a) in enumerate(paper_rows())]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -155,11 +156,12 @@ def test_csv_reader_ignores_extra_columns(tmp_path):
 
 def test_cli_json_end_to_end(tmp_path):
     csv_path = write_paper_csv(tmp_path / "acc.csv")
-    for flag, expected in (([], stats.ttest_rel(KD_IG, STUDENT)), (["--unpaired"], stats.ttest_ind(KD_IG, STUDENT, equal_var=False))):
+    welch = stats.ttest_ind(KD_IG, STUDENT, equal_var=False)
+    for flag, expected in (([], welch), (["--unpaired"], welch), (["--paired"], stats.ttest_rel(KD_IG, STUDENT))):
         result = CliRunner().invoke(app, ["stats", "--csv", str(csv_path), "--baseline", "STUDENT", "--json", *flag])
         assert result.exit_code == 0, result.output
         summary = json.loads(result.stdout)
-        assert summary["paired"] is (not flag)
+        assert summary["paired"] is (flag == ["--paired"])
         assert summary["vs_baseline"][0]["p"] == pytest.approx(expected.pvalue, abs=1e-6)
 
 

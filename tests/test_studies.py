@@ -157,7 +157,7 @@ def test_montecarlo_runs_share_the_subset_across_methods(tiny_dataset, teacher_f
     assert subsets[("student", 0)] == subsets[("kd_ig", 0)]
     assert subsets[("student", 1)] == subsets[("kd_ig", 1)]
     assert subsets[("student", 0)] != subsets[("student", 1)]
-    assert len(subsets[("student", 0)]) == 24  # half of the 48 non-validation images, 6 per class
+    assert len(subsets[("student", 0)]) == 32  # half of all 64 training images, 8 per class (val: from the other half)
 
 
 def test_independent_montecarlo_draws_per_method_and_stats_use_welch(tiny_dataset, teacher_file, tmp_path, monkeypatch):

@@ -16,8 +16,9 @@ def _print_summary(summary: dict, out: Path, as_json: bool) -> None:
         print(json.dumps(summary, indent=2, default=str))
         return
     teacher = summary.get("teacher_test_accuracy")
+    name = "teacher" if summary.get("kind") == "teacher" else f"{summary['method']} {summary['student']}"
     print(
-        f"{summary['method']} {summary['student']}: test {summary['test_accuracy']:.2f}%"
+        f"{name}: test {summary['test_accuracy']:.2f}%"
         + (f", val {summary['val_accuracy']:.2f}%" if summary.get("val_accuracy") is not None else "")
         + (f", teacher {teacher:.2f}%" if teacher is not None else "")
         + f" after {summary['epochs']} epochs ({summary['wall_time_s']:.0f} s)"
@@ -79,8 +80,8 @@ def register(app: typer.Typer) -> None:
         temperature: Optional[float] = typer.Option(None, "--temperature", "-T", help="KD temperature."),
         p: Optional[float] = typer.Option(None, "--p", help="IG overlay probability."),
         gamma: Optional[float] = typer.Option(None, help="Attention-transfer weight."),
-        at_teacher_layer: Optional[str] = typer.Option(None, help="Teacher module for attention (default features.<n//2>)."),
-        at_student_layer: Optional[str] = typer.Option(None, help="Student module for attention (default features.<n//2>)."),
+        at_teacher_layer: Optional[str] = typer.Option(None, help="Teacher module for attention (default features.<len(teacher.features)//2>: features.9)."),
+        at_student_layer: Optional[str] = typer.Option(None, help="Student module for attention (default: the teacher's index, features.9; a student without it uses its last module)."),
         width: Optional[float] = typer.Option(None, help="Student width multiplier."),
         val_fraction: Optional[float] = typer.Option(None),
         device: str = typer.Option("auto"),

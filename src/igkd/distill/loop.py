@@ -27,7 +27,7 @@ from igkd.data.splits import stratified_subset, train_val_split
 from igkd.devices import autocast, frozen_copy, prepare_model, resolve_device
 from igkd.distill.config import TrainConfig
 from igkd.distill.distributed import DistContext
-from igkd.distill.losses import FeatureTap, attention_transfer_loss, default_attention_layer, kd_loss
+from igkd.distill.losses import FeatureTap, attention_layers, attention_transfer_loss, kd_loss
 from igkd.distill.overlay import ig_overlay
 from igkd.errors import IgkdError
 from igkd.evaluate.accuracy import evaluate
@@ -45,13 +45,53 @@ MODEL = "model.safetensors"
 RUN_FILES = (CHECKPOINT, METRICS, SUMMARY, CONFIG, MODEL)
 
 
-def split_indices(config: TrainConfig, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) indices into the training split: the validation part is fixed by ``split_seed``
-    for every run; the optional stratified subset (Monte Carlo) is drawn from the rest by ``subset_seed``."""
+def split_plan(config: TrainConfig, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(train, val) indices into the training split and the rule that chose them.
+
+    Without a subset: a stratified ``val_fraction`` of the training split, fixed by ``split_seed``
+    for every run, is held out; the rest is trained on. With a Monte Carlo subset (``subset < 1``),
+    the subset is a stratified ``subset`` fraction of the *whole* training split, drawn by
+    ``subset_seed`` (the paper: 80% of 50,000 = 40,000 images), and the validation part
+    (``val_fraction`` of each class of the whole split, drawn by ``split_seed``) comes from the
+    images the subset leaves out, so selection is still on held-out data. When too few are left
+    out for that (``subset + val_fraction > 1`` for some class), the validation part is fixed first
+    and the subset drawn from the rest. Either way run r of every method (same ``subset_seed``) gets
+    the same subset and the same validation part.
+    """
+    if config.subset >= 1.0:
+        train_idx, val_idx = train_val_split(labels, config.val_fraction, config.split_seed)
+        return train_idx, val_idx, f"a fixed stratified {config.val_fraction:g} of the training split held out (split_seed {config.split_seed})"
+    seed = config.seed if config.subset_seed is None else config.subset_seed
+    labels = labels.cpu()
+    subset = stratified_subset(labels, config.subset, seed)
+    left = torch.ones(len(labels), dtype=torch.bool)
+    left[subset] = False
+    generator = torch.Generator().manual_seed(int(config.split_seed))
+    val_parts = []
+    for cls in torch.unique(labels).tolist():
+        members = labels == cls
+        want = int(round(config.val_fraction * int(members.sum())))
+        spare = torch.nonzero(members & left).flatten()
+        if want > len(spare):
+            break
+        val_parts.append(spare[torch.randperm(len(spare), generator=generator)[:want]])
+    else:
+        val_idx = torch.sort(torch.cat(val_parts)).values if val_parts else torch.empty(0, dtype=torch.int64)
+        return subset, val_idx, (
+            f"a stratified {config.subset:g} subset of the whole training split (subset_seed {seed}); validation: "
+            f"a stratified {config.val_fraction:g} of the split drawn from the images the subset leaves out (split_seed {config.split_seed})"
+        )
     train_idx, val_idx = train_val_split(labels, config.val_fraction, config.split_seed)
-    if config.subset < 1.0:
-        seed = config.seed if config.subset_seed is None else config.subset_seed
-        train_idx = train_idx[stratified_subset(labels[train_idx], config.subset, seed)]
+    train_idx = train_idx[stratified_subset(labels[train_idx], config.subset, seed)]
+    return train_idx, val_idx, (
+        f"subset {config.subset:g} + val_fraction {config.val_fraction:g} exceed the training split: a fixed stratified "
+        f"{config.val_fraction:g} held out (split_seed {config.split_seed}), then a stratified {config.subset:g} of the rest (subset_seed {seed})"
+    )
+
+
+def split_indices(config: TrainConfig, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices into the training split (see :func:`split_plan`)."""
+    train_idx, val_idx, _ = split_plan(config, labels)
     return train_idx, val_idx
 
 
@@ -61,9 +101,14 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return x.mean(1).tolist(), x.std(1).tolist()
 
 
+def warmup_epochs(config: TrainConfig) -> float:
+    """Length of the linear warm-up in epochs: ``warmup_fraction`` of the run, at most ``warmup_epochs``."""
+    return min(config.warmup_fraction * config.epochs, config.warmup_epochs)
+
+
 def _lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     total = config.epochs * steps_per_epoch
-    warmup = int(config.warmup_epochs * steps_per_epoch)
+    warmup = int(warmup_epochs(config) * steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -74,6 +119,38 @@ def _lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], flo
         return 1.0
 
     return factor
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, amp: bool = True) -> int:
+    """Recompute every BatchNorm's running mean/var from ``images`` (uint8 [N, C, H, W]) with the current weights.
+
+    The running averages (momentum 0.1) mix statistics of the last few dozen steps' weights; early in
+    training, or in a short run, the weights move faster than the averages follow, and evaluation with
+    them can collapse to one class although the training batches are classified well. Only the
+    BatchNorm layers are put in training mode (dropout stays off, no random numbers are drawn); the
+    statistics are exact averages over ``images`` (momentum ``None``). Returns the number of images used.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or len(images) == 0:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+        m.train()
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].to(device, non_blocking=True).float().div_(255)
+            with autocast(device, amp):
+                model(batch.contiguous(memory_format=torch.channels_last))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(images)
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -165,7 +242,7 @@ class Trainer:
         torch.manual_seed(config.seed + 1_000 * self.dist.rank)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 7919 + self.dist.rank)
         labels = dataset.train.labels
-        self.train_idx, self.val_idx = split_indices(config, labels)
+        self.train_idx, self.val_idx, self.split_rule = split_plan(config, labels)
         extras = {"ig": ig_maps} if config.p > 0 else None
         self.loader = DeviceLoader(
             dataset.train.images.to(self.device),
@@ -195,10 +272,8 @@ class Trainer:
             self.teacher = frozen_copy(teacher, self.device, bf16=config.amp and self.device.type == "cuda")
         self.taps = None
         if config.gamma > 0:
-            t_layer = config.at_teacher_layer or default_attention_layer(self.teacher, config.at_divider)
-            s_layer = config.at_student_layer or default_attention_layer(self.model, config.at_divider)
-            self.taps = (FeatureTap(self.model, s_layer), FeatureTap(self.teacher, t_layer))
-            self.at_layers = {"teacher": t_layer, "student": s_layer}
+            self.at_layers = attention_layers(self.teacher, self.model, config.at_divider, config.at_teacher_layer, config.at_student_layer)
+            self.taps = (FeatureTap(self.model, self.at_layers["student"]), FeatureTap(self.teacher, self.at_layers["teacher"]))
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
             self.train_model = nn.parallel.DistributedDataParallel(
@@ -319,6 +394,15 @@ class Trainer:
         self.scheduler.step()
         return loss.detach(), (logits.argmax(1) == batch.labels).sum()
 
+    def _recalibrate(self) -> None:
+        """Fresh BatchNorm statistics for the current weights (see :func:`recalibrate_batchnorm`)."""
+        n = min(self.config.bn_recalibration_images, len(self.train_idx))
+        if n == 0:
+            return
+        # evenly spread over the (sorted, stratified) training indices: deterministic and class-balanced
+        pick = self.train_idx[torch.linspace(0, len(self.train_idx) - 1, n).round().long()]
+        recalibrate_batchnorm(self.model, self.dataset.train.images[pick], self.config.eval_batch_size, self.device, self.config.amp)
+
     def _evaluate(self, split: str) -> dict | None:
         if split == "val":
             if len(self.val_idx) == 0:
@@ -364,6 +448,7 @@ class Trainer:
                 self._non_finite(epoch, len(self.loader) - 1)
             loss_total, correct_total, seen_total = self.dist.sum([loss_sum.item(), correct.item(), seen], self.device)
             epoch_time = time.perf_counter() - tick
+            self._recalibrate()
             val = self._evaluate("val")
             record = {
                 "epoch": epoch,
@@ -407,6 +492,7 @@ class Trainer:
             "subset_seed": self.config.seed if self.config.subset_seed is None else self.config.subset_seed,
             "train_size": len(self.train_idx),
             "val_size": len(self.val_idx),
+            "split": self.split_rule,
             "val_accuracy": val["accuracy"] if val else None,
             "test_accuracy": test["accuracy"],
             "test_per_class": test["per_class"],

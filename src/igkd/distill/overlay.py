@@ -5,7 +5,9 @@ For each sample, with probability p:
     m = minmax(map ** s)               (per image, to [0, 1]; repeated over channels)
     x <- 0.5 * x + 0.5 * m             (in [0, 1] pixel space, before normalisation)
 otherwise x is unchanged. The map has already received its image's crop and flip
-(``DeviceLoader`` extras), so it lines up with the pixels it is laid over.
+(``DeviceLoader`` extras), so it lines up with the pixels it is laid over. Maps must be
+non-negative (``abs_sum``/``positive_sum`` caches; ``distill.run.load_ig_maps`` refuses signed
+ones); ``clamp_min(0)`` below only removes float16 rounding noise, it is no sign transform.
 """
 
 from __future__ import annotations

@@ -41,8 +41,23 @@ def load_teacher(path: str | Path) -> tuple[torch.nn.Module, dict]:
     return model, {"path": str(path), "sha256": sha256_file(path), "spec": meta["spec"], "format": meta["format"]}
 
 
+#: Reductions whose maps are non-negative, as the overlay (paper eq. 5-7: map^s, min-max) needs.
+OVERLAY_REDUCTIONS = ("abs_sum", "positive_sum")
+
+
+def check_overlay_reduction(reduction: str | None, directory: str | Path) -> None:
+    """Refuse IG maps the overlay cannot use as they are: signed maps (``signed_sum``) have negative
+    values, which ``map ** s`` with a fractional s and the min-max scaling would silently distort."""
+    if reduction not in OVERLAY_REDUCTIONS:
+        raise IgkdError(
+            f"the IG cache {directory} holds {reduction!r} maps, but the overlay needs non-negative maps "
+            f"({' or '.join(OVERLAY_REDUCTIONS)}): rebuild it with 'igkd attributions compute --reduction abs_sum' (the paper's)"
+        )
+
+
 def load_ig_maps(directory: str | Path, teacher_sha256: str, dataset) -> tuple[torch.Tensor, dict]:
-    """The cached maps [N, H, W] (float16) of the training split, refused unless built for this teacher and data.
+    """The cached maps [N, H, W] (float16) of the training split, refused unless built for this teacher and
+    data, and unless non-negative (:func:`check_overlay_reduction`).
 
     The maps file is read whole anyway, so it is also checked: its sha256 against the manifest's, and every value finite.
     """
@@ -52,6 +67,7 @@ def load_ig_maps(directory: str | Path, teacher_sha256: str, dataset) -> tuple[t
     from igkd.attribution.cache import MAPS_FILE, REBUILD_HINT
 
     cache = open_attributions(directory, teacher_sha256=teacher_sha256, dataset_fingerprint=dataset.fingerprint, split="train", verify=True)
+    check_overlay_reduction(cache.manifest.get("reduction"), directory)
     maps = torch.from_numpy(np.array(cache.maps))  # a private, writable copy of the memmap
     if not bool(torch.isfinite(maps).all()):
         bad = int((~torch.isfinite(maps)).any(dim=(1, 2)).sum())

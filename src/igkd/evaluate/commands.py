@@ -30,7 +30,7 @@ def print_report(report: dict, title: str) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate_command(
-        checkpoint: Path = typer.Option(..., help="Model file (or run folder with model.safetensors)."),
+        checkpoint: Path = typer.Option(..., help="Model file (or run folder with model.safetensors); also the paper authors' published state dicts (.pt/.pth, or .safetensors)."),
         dataset: str = typer.Option(..., help="Dataset name (digits, cifar10, folder, imagenet32-cifar)."),
         data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
         split: str = typer.Option("test", help="test or train."),
@@ -40,7 +40,13 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed of the random corruptions."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     ) -> None:
-        """Accuracy, per-class accuracy and confusion matrix of a model on a dataset split."""
+        """Accuracy, per-class accuracy and confusion matrix of a model on a dataset split.
+
+        Also reads the paper authors' published checkpoints (state dicts saved with torch.save, or
+        safetensors): their plain layout (features.<i>, classifier.1) and their attention-transfer
+        layout (front_layers.<i>, middle_layer, end_layers.<j>). Their students saw un-normalised
+        [0, 1] inputs, which is applied; see the README, "Compare with the paper's own models".
+        """
         from igkd.data import load_dataset
         from igkd.devices import resolve_device
         from igkd.distill.run import resolve_checkpoint

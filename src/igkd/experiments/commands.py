@@ -17,19 +17,32 @@ def _pvalue(value: float | None) -> str:
     return "-" if value is None else f"{value:.2g}"
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: dict, width: int | None = None) -> None:
+    """Tables that fit an 80-column terminal: method names never wrap (every other column may fold);
+    t, df and the raw Wilcoxon p are in ``--json``."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=width)
+    names = [row["method"] for row in summary["methods"]]
+    name_width = max(len(name) for name in names)
+
+    def name_column(table: Table, header: str) -> None:
+        table.add_column(header, justify="left", no_wrap=True, min_width=max(name_width, len(header)))
+
+    def number_column(table: Table, header: str) -> None:
+        table.add_column(header, justify="right", overflow="fold")
+
     level = f"{100 * summary['confidence']:g}%"
-    methods = Table(title=f"Accuracy per method ({level} t-interval of the mean)")
-    for column in ("method", "n", "mean", "sd", "min", "max", f"{level} CI"):
-        methods.add_column(column, justify="left" if column == "method" else "right", no_wrap=column != "method", overflow="fold")
+    methods = Table(title=f"Accuracy per method ({level} t-interval of the mean)", box=box.SIMPLE_HEAD)
+    name_column(methods, "method")
+    for column in ("n", "mean", "sd", "min", "max", f"{level} CI"):
+        number_column(methods, column)
     for row in summary["methods"]:
         methods.add_row(
             row["method"], str(row["n"]), _number(row["mean"]), _number(row["sd"]), _number(row["min"]), _number(row["max"]),
-            f"{_number(row['ci_low'])} .. {_number(row['ci_high'])}",
+            f"{_number(row['ci_low'])}..{_number(row['ci_high'])}",
         )
     console.print(methods)
     console.print(f"[bold]{'paired' if summary['paired'] else 'unpaired'}[/bold]: {summary['pairing']}")
@@ -40,22 +53,23 @@ def _print_summary(summary: dict) -> None:
         comparisons = summary[family]
         if not comparisons:
             continue
-        table = Table(title=f"{family}: b - a, Holm over {summary['holm_families'][family]}")
+        table = Table(title=f"{family}: b - a, Holm over {summary['holm_families'][family]}", box=box.SIMPLE_HEAD, collapse_padding=True)
         with_a = family == "all_pairs"  # vs_baseline: a is always the baseline
-        columns = (["a"] if with_a else []) + ["b", "b - a", f"{level} CI", "t", "df", "p", "p Holm", effect]
-        if paired:
-            columns += ["Wilcoxon p", "W p Holm"]
-        for column in columns:
-            table.add_column(column, justify="left" if column in ("a", "b") else "right", no_wrap=column not in ("a", "b"), overflow="fold")
+        if with_a:
+            name_column(table, "a")
+        name_column(table, "b")
+        for column in ["b - a", f"{level} CI", "p", "p Holm", effect] + (["W p Holm"] if paired else []):
+            number_column(table, column)
         for c in comparisons:
             cells = ([c["a"]] if with_a else []) + [
-                c["b"], _number(c["mean_difference"]), f"{_number(c['ci_low'])} .. {_number(c['ci_high'])}",
-                _number(c["t"], 2), _number(c["df"], 1), _pvalue(c["p"]), _pvalue(c["p_holm"]), _number(c["effect_size"]["value"], 2),
+                c["b"], _number(c["mean_difference"]), f"{_number(c['ci_low'])}..{_number(c['ci_high'])}",
+                _pvalue(c["p"]), _pvalue(c["p_holm"]), _number(c["effect_size"]["value"], 2),
             ]
             if paired:
-                cells += [_pvalue(c["wilcoxon"]["p"]), _pvalue(c["wilcoxon"]["p_holm"])]
+                cells.append(_pvalue(c["wilcoxon"]["p_holm"]))
             table.add_row(*cells)
         console.print(table)
+    console.print("t, df" + (" and the Wilcoxon p before Holm" if paired else "") + ": igkd stats --json")
     notes = {c.get("reason") for c in summary["all_pairs"]} | {c.get("wilcoxon", {}).get("reason") for c in summary["all_pairs"]}
     for note in sorted(n for n in notes if n):
         console.print(f"note: some tests gave no p-value: {note}")
@@ -66,7 +80,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("stats")
     def stats_command(
-        csv_path: Optional[Path] = typer.Option(None, "--csv", help="CSV with header method,run,accuracy (extra columns ignored)."),
+        csv_path: Optional[Path] = typer.Option(None, "--csv", help="CSV with header method,run,accuracy; optional seed/subset_seed columns declare pairing (other columns ignored)."),
         study: Optional[Path] = typer.Option(None, "--study", help="A study folder (ablation, montecarlo, sweep-cf) instead of a CSV."),
         student: Optional[str] = typer.Option(None, help="With --study: the student to summarise (needed for a sweep of several)."),
         baseline: str = typer.Option("student", help="Method the others are compared with (case-insensitive)."),
@@ -74,14 +88,15 @@ def register(app: typer.Typer) -> None:
             None,
             "--paired/--unpaired",
             help="Runs with the same id share seed and subset (paired t-test, Wilcoxon) or not (Welch). "
-            "Default: paired iff every method has the same run ids. A --study records this itself.",
+            "Default for a CSV: unpaired, unless its seed/subset_seed column(s) agree across methods for every run id "
+            "(equal run ids alone are not pairs). A --study records this itself.",
         ),
         confidence: float = typer.Option(0.95, help="Confidence level of the intervals."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     ) -> None:
         """Summarise Monte Carlo accuracies per method and test the differences between methods."""
         from igkd.errors import IgkdError
-        from igkd.experiments.statistics import read_accuracy_csv, summarize
+        from igkd.experiments.statistics import read_accuracy_csv, read_pairing_keys, summarize
 
         if (csv_path is None) == (study is None):
             raise IgkdError("give either --csv FILE or --study FOLDER")
@@ -94,7 +109,8 @@ def register(app: typer.Typer) -> None:
         else:
             if student is not None:
                 raise IgkdError("--student applies to --study only")
-            summary = summarize(read_accuracy_csv(csv_path), baseline=baseline, paired=paired, confidence=confidence)
+            rows = read_accuracy_csv(csv_path)
+            summary = summarize(rows, baseline=baseline, paired=paired, confidence=confidence, pairing_keys=read_pairing_keys(csv_path))
         if as_json:
             print(json.dumps(summary, indent=2))
         else:

@@ -9,9 +9,13 @@ run ``r`` of method A and run ``r`` of method B used the same seed and the same
 training subset: then the per-run differences remove the run-to-run variation
 they share and a paired t-test (plus a Wilcoxon signed-rank test) is right.
 Runs that merely carry the same ids but were drawn independently are not
-paired (the published study compared such runs with a paired test); they get
-Welch's t-test, which assumes neither pairing nor equal variances. The rule is
-in :func:`decide_pairing`.
+paired (the published study numbered its independently drawn runs 0..9 and
+compared them with a paired test); they get Welch's t-test, which assumes
+neither pairing nor equal variances. Equal run ids alone therefore never mean
+paired: pairing must be declared, by the caller (``paired=True``, ``--paired``;
+a study records it in study.json) or by the data (a ``seed``/``subset_seed``
+column whose values agree across methods for every run id). The rule is in
+:func:`decide_pairing`.
 
 Each comparison reports ``b - a`` (for the comparisons with the baseline, ``a``
 is the baseline, so positive means better than the baseline), its confidence
@@ -45,6 +49,11 @@ WILCOXON_MIN_NONZERO = 6
 WILCOXON_DECIMALS = 9
 
 CSV_COLUMNS = ("method", "run", "accuracy")
+
+#: Optional CSV columns that declare pairing: run r of two methods is a pair when these agree.
+PAIRING_COLUMNS = ("seed", "subset_seed")
+
+PairingKeys = dict[tuple[str, str], tuple[str, ...]]
 
 
 def read_accuracy_csv(path: str | Path) -> list[Row]:
@@ -96,6 +105,27 @@ def read_accuracy_csv(path: str | Path) -> list[Row]:
     return rows
 
 
+def read_pairing_keys(path: str | Path) -> tuple[tuple[str, ...], PairingKeys] | None:
+    """``(columns, {(method, run): values})`` of the CSV's ``seed``/``subset_seed`` columns, or ``None`` without them.
+
+    Call after :func:`read_accuracy_csv` (which checks the file). Values are compared as stripped strings.
+    """
+    with Path(path).open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        names = [name.strip().lower() for name in next(reader)]
+        columns = tuple(column for column in PAIRING_COLUMNS if column in names)
+        if not columns:
+            return None
+        where = {column: names.index(column) for column in (*CSV_COLUMNS, *columns)}
+        keys: PairingKeys = {}
+        for record in reader:
+            if not any(field.strip() for field in record):
+                continue
+            value = {column: (record[i].strip() if i < len(record) else "") for column, i in where.items()}
+            keys[(value["method"], value["run"])] = tuple(value[column] for column in columns)
+    return columns, keys
+
+
 def group_runs(rows: Iterable[Sequence]) -> dict[str, dict[str, float]]:
     """``{method: {run: accuracy}}`` in first-seen order; run ids are compared as strings."""
     runs: dict[str, dict[str, float]] = {}
@@ -118,17 +148,22 @@ def group_runs(rows: Iterable[Sequence]) -> dict[str, dict[str, float]]:
     return runs
 
 
-def decide_pairing(runs: Mapping[str, Mapping[str, float]], paired: bool | None = None) -> tuple[bool, str]:
+def decide_pairing(
+    runs: Mapping[str, Mapping[str, float]],
+    paired: bool | None = None,
+    keys: tuple[tuple[str, ...], PairingKeys] | None = None,
+) -> tuple[bool, str]:
     """Whether to compare methods run by run, and why.
 
     - ``paired=False``: the caller says runs with the same id do not share seeds
       and subsets -> unpaired (Welch), whatever the ids.
     - ``paired=True``: the caller says they do -> paired; every method must then
-      have exactly the same run ids, else :class:`IgkdError`.
-    - ``paired=None``: paired iff every method has exactly the same set of run
-      ids. Runs that share ids without sharing seeds and subsets (drawn
-      independently per method) must be marked ``paired=False``; study folders
-      record which they are.
+      have exactly the same run ids (and agreeing ``keys`` when given), else
+      :class:`IgkdError`.
+    - ``paired=None``: paired only when the data declare it: ``keys`` (the
+      ``seed``/``subset_seed`` columns, :func:`read_pairing_keys`) agree across
+      methods for every run id. Equal run ids alone are not pairs: the published
+      runs were numbered 0..9 per method but drawn independently. Otherwise unpaired.
     """
     id_sets = {method: frozenset(per_method) for method, per_method in runs.items()}
     reference_method, reference = next(iter(id_sets.items()))
@@ -149,12 +184,32 @@ def decide_pairing(runs: Mapping[str, Mapping[str, float]], paired: bool | None 
         if paired:
             raise IgkdError(f"paired comparison needs the same run ids for every method, but {detail}; pass --unpaired")
         return False, f"run ids differ between methods ({detail})"
+    disagreement = None
+    if keys is not None:
+        columns, values = keys
+        for run in sorted(reference):
+            seen = {method: values.get((method, run)) for method in runs}
+            if len(set(seen.values())) > 1:
+                first = seen[reference_method]
+                other, value = next((m, v) for m, v in seen.items() if v != first)
+                disagreement = (
+                    f"run {run!r} has {'/'.join(columns)} {'/'.join(first or ('?',))} for {reference_method!r} "
+                    f"but {'/'.join(value or ('?',))} for {other!r}"
+                )
+                break
     if paired:
+        if disagreement:
+            raise IgkdError(f"--paired, but the CSV's {'/'.join(keys[0])} column(s) say the runs are not pairs: {disagreement}; drop --paired")
         return True, "marked paired by the caller (runs with the same id share seed and subset)"
-    return True, (
-        f"every method has the same {len(reference)} run ids, so run r of each method is taken to share "
-        "seed and subset; pass paired=False (--unpaired) if they do not"
-    )
+    if keys is None:
+        return False, (
+            f"the methods share {len(reference)} run ids, but nothing declares that run r of each method used the same "
+            "seed and subset (no seed/subset_seed column), and independently drawn runs numbered alike (as in the "
+            "published study) are not pairs; pass --paired if they are, or add a seed/subset_seed column"
+        )
+    if disagreement:
+        return False, f"the {'/'.join(keys[0])} column(s) differ between methods ({disagreement}): independent runs"
+    return True, f"the {'/'.join(keys[0])} column(s) agree across methods for each of the {len(reference)} run ids: run r of every method shared them"
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
@@ -297,11 +352,12 @@ def summarize(
     baseline: str = "student",
     paired: bool | None = None,
     confidence: float = 0.95,
+    pairing_keys: tuple[tuple[str, ...], PairingKeys] | None = None,
 ) -> dict:
     """Per-method statistics and comparisons (vs the baseline and all pairs).
 
     ``rows``: ``(method, run, accuracy)``. ``baseline`` is looked up
-    case-insensitively. ``paired``: see :func:`decide_pairing`. Methods are
+    case-insensitively. ``paired``, ``pairing_keys``: see :func:`decide_pairing`. Methods are
     listed baseline first, then in first-seen order; a pair ``(a, b)`` always has
     ``a`` earlier in that order and reports ``b - a``. Holm's correction runs
     separately over the ``all_pairs`` family and the ``vs_baseline`` family.
@@ -316,7 +372,7 @@ def summarize(
             raise IgkdError(
                 f"method {method!r} has {len(per_method)} run; at least 2 are needed for its sd, confidence interval and tests"
             )
-    is_paired, reason = decide_pairing(runs, paired)
+    is_paired, reason = decide_pairing(runs, paired, pairing_keys)
     methods = [base] + [m for m in runs if m != base]
 
     def pair(a: str, b: str) -> dict:

@@ -183,8 +183,10 @@ def attributions_record(path: str | Path | None, teacher: dict | None, dataset) 
     cache = open_attributions(path, teacher_sha256=teacher["sha256"], dataset_fingerprint=dataset.fingerprint, split="train")
     from igkd.attribution.cache import content_identity
 
-    return {"path": str(Path(path).resolve()), "manifest_sha256": cache.manifest_sha256, "identity_sha256": content_identity(cache.manifest),
-            "n_steps": cache.manifest.get("n_steps")}
+    return {
+        "path": str(Path(path).resolve()), "manifest_sha256": cache.manifest_sha256, "identity_sha256": content_identity(cache.manifest),
+        "n_steps": cache.manifest.get("n_steps"), "reduction": cache.manifest.get("reduction"),
+    }
 
 
 def input_records(options: StudyOptions, dataset, configs: dict) -> tuple[dict | None, dict | None]:
@@ -192,6 +194,10 @@ def input_records(options: StudyOptions, dataset, configs: dict) -> tuple[dict |
     teacher = teacher_record(options.teacher, dataset)
     needs_maps = any(c.p > 0 for c in configs.values())
     attributions = attributions_record(options.attributions, teacher, dataset) if options.attributions is not None or needs_maps else None
+    if needs_maps and attributions is not None:
+        from igkd.distill.run import check_overlay_reduction
+
+        check_overlay_reduction(attributions["reduction"], attributions["path"])  # before the first run, not at the first IG run
     return teacher, attributions
 
 

@@ -159,12 +159,17 @@ def attention_maps(model: torch.nn.Module, layer: str, images: torch.Tensor, dev
     return attention_map(features).view(features.shape[0], *features.shape[-2:]).cpu()
 
 
-def _layer(model, summary: dict, role: str) -> str:
-    from igkd.distill.losses import default_attention_layer
+def _layer(model, summary: dict, role: str, teacher=None) -> str:
+    from igkd.distill.losses import attention_layers, default_attention_layer
 
     config = summary.get("config") or {}
     named = (summary.get("attention_layers") or {}).get(role) or config.get(f"at_{role}_layer")
-    return named or default_attention_layer(model, config.get("at_divider", 2))
+    if named:
+        return named
+    divider = config.get("at_divider", 2)
+    if role == "student" and teacher is not None:
+        return attention_layers(teacher, model, divider, config.get("at_teacher_layer"))["student"]
+    return default_attention_layer(model, divider)
 
 
 def _teacher(teacher: dict, cache: dict) -> torch.nn.Module:
@@ -201,7 +206,7 @@ def attention_figure(study: dict, dataset, path: Path, device, cache: dict) -> s
     rows, used = [(f"teacher\n{layer}", attention_maps(teacher, layer, images, device))], [f"teacher {layer}"]
     for method, run in first.items():
         model, _ = load_model(Path(run["dir"]) / "model.safetensors")
-        layer = _layer(model, run["summary"], "student")
+        layer = _layer(model, run["summary"], "student", teacher)
         rows.append((f"{method}\n{run['run_id']}\n{layer}", attention_maps(model, layer, images, device)))
         used.append(f"{method} {run['run_id']} {layer}")
     titles = [dataset.classes[int(dataset.test.labels[i])] for i in picks]

@@ -31,12 +31,66 @@ def attention_transfer_loss(student_features: torch.Tensor, teacher_features: to
     return gamma * (a_s - a_t).pow(2).mean()
 
 
-def default_attention_layer(model: nn.Module, divider: int = 2) -> str:
-    """The paper's choice: ``features.<len(features) // divider>``."""
+def _features(model: nn.Module, role: str) -> nn.Sequential:
     features = getattr(model, "features", None)
     if not isinstance(features, nn.Sequential):
-        raise IgkdError("the default attention layer needs a model with a 'features' Sequential; name one with --at-teacher-layer/--at-student-layer")
-    return f"features.{len(features) // divider}"
+        raise IgkdError(
+            f"the default attention layer needs a {role} with a 'features' Sequential; name one with --at-{role}-layer"
+        )
+    return features
+
+
+def default_attention_layer(model: nn.Module, divider: int = 2) -> str:
+    """``features.<len(features) // divider>`` of one network (the teacher's layer under the authors' rule)."""
+    if divider < 1:
+        raise IgkdError(f"at_divider must be a positive integer, got {divider}")
+    return f"features.{len(_features(model, 'teacher')) // divider}"
+
+
+def _index(name: str) -> int | None:
+    head, _, tail = name.partition(".")
+    return int(tail) if head == "features" and tail.isdigit() else None
+
+
+def attention_layers(
+    teacher: nn.Module,
+    student: nn.Module,
+    divider: int = 2,
+    teacher_layer: str | None = None,
+    student_layer: str | None = None,
+) -> dict:
+    """The (teacher, student) modules whose attention maps are matched, and the rule that chose them.
+
+    The authors' rule: the module index ``len(teacher.features) // divider`` in *both* networks
+    (MobileNetV2-CIFAR: 19 // 2 = 9, ``features.9``, 8x8 on 32x32 inputs). A student is the first
+    ``19 - k`` modules of the teacher's architecture, so the same index is the same block at the same
+    depth with the same map size. A student too short to have that module (k >= 11 keeps <= 8
+    modules) uses its deepest module, ``features.<n-1>``: the one closest in depth to the teacher's;
+    its map is resized to the teacher's. A teacher layer named by the user moves the student's
+    default with it (same index); names given for both are used as they are.
+    """
+    t_layer = teacher_layer or default_attention_layer(teacher, divider)
+    if student_layer:
+        rule = "both layers named by the user (--at-teacher-layer/--at-student-layer)" if teacher_layer else (
+            f"student layer named by the user; teacher layer features.<len(teacher.features) // {divider}>"
+        )
+        return {"teacher": t_layer, "student": student_layer, "rule": rule}
+    index = _index(t_layer)
+    n_student = len(_features(student, "student"))
+    how = "named by the user" if teacher_layer else f"len(teacher.features) // {divider} = {index}"
+    if index is None:
+        s_layer = f"features.{n_student // divider}"
+        rule = f"teacher layer {t_layer} named by the user is not a features.<i> module: student features.<len(student.features) // {divider}>"
+    elif index < n_student:
+        s_layer = f"features.{index}"
+        rule = f"the same module index in teacher and student ({how}; the student is a truncation of the teacher's architecture)"
+    else:
+        s_layer = f"features.{n_student - 1}"
+        rule = (
+            f"the student has {n_student} feature modules, too few for the teacher's index {index} ({how}): "
+            f"its deepest module, features.{n_student - 1}, the closest in depth; its map is resized to the teacher's"
+        )
+    return {"teacher": t_layer, "student": s_layer, "rule": rule}
 
 
 class FeatureTap:
