@@ -285,6 +285,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config, len(self.loader)))
         self.start_epoch, self.teacher_test = 1, None
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._calibration: torch.Tensor | None = None
         self.wall_before = 0.0
 
     # -- set-up -------------------------------------------------------------------------------
@@ -399,9 +400,10 @@ class Trainer:
         n = min(self.config.bn_recalibration_images, len(self.train_idx))
         if n == 0:
             return
-        # evenly spread over the (sorted, stratified) training indices: deterministic and class-balanced
-        pick = self.train_idx[torch.linspace(0, len(self.train_idx) - 1, n).round().long()]
-        recalibrate_batchnorm(self.model, self.dataset.train.images[pick], self.config.eval_batch_size, self.device, self.config.amp)
+        if self._calibration is None:  # gathered once: evenly spread over the (sorted, stratified) training indices
+            pick = self.train_idx[torch.linspace(0, len(self.train_idx) - 1, n).round().long()]
+            self._calibration = self.dataset.train.images[pick]
+        recalibrate_batchnorm(self.model, self._calibration, self.config.eval_batch_size, self.device, self.config.amp)
 
     def _evaluate(self, split: str) -> dict | None:
         if split == "val":
