@@ -90,3 +90,13 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         if err.filename is None and err.errno is not None:
             raise _with_path(err, Path(path)) from err
         raise
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in ``path``, or None when it is missing, unreadable or not an object
+    (the reading side of these helpers: callers treat None as 'not written yet')."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from igkd.atomic import atomic_write_json
+from igkd.atomic import atomic_write_json, read_json_object
 from igkd.attribution.engine import default_max_batch
 from igkd.attribution.maps import REDUCTIONS, reduce_map
 from igkd.attribution.methods import get_method, method_parameters, run_method
@@ -88,12 +88,6 @@ def model_state_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _first_mismatch(found: dict, wanted: dict) -> str | None:
@@ -250,7 +244,7 @@ def _remove_build(directory: Path) -> None:
 
 def _resumable(directory: Path, identity: dict) -> dict | None:
     """The progress record of an interrupted build of the same computation, or None."""
-    progress = _read_json(directory / PROGRESS_FILE)
+    progress = read_json_object(directory / PROGRESS_FILE)
     if progress is None or progress.get("identity") != identity:
         return None
     n_chunks = -(-identity["n"] // progress.get("chunk_size", 0)) if progress.get("chunk_size", 0) > 0 else -1
@@ -259,7 +253,7 @@ def _resumable(directory: Path, identity: dict) -> dict | None:
     if len(progress.get("stats", [])) != progress["done"]:
         return None
     staged = directory / STAGED_MAPS_FILE
-    if not staged.exists() and progress["done"] == n_chunks and not _read_json(directory / MANIFEST_FILE):
+    if not staged.exists() and progress["done"] == n_chunks and not read_json_object(directory / MANIFEST_FILE):
         staged = directory / MAPS_FILE  # killed between moving the finished maps into place and writing the manifest
     try:
         _open_maps(directory, identity, name=staged.name)
@@ -356,7 +350,7 @@ def compute_attributions(
     if directory.exists() and not directory.is_dir():
         raise IgkdError(f"--out {directory} is a file: give a folder for the attribution cache")
     identity = _identity(model, dataset, split, n, height, width, method, params, reduction, target, teacher_sha256)
-    existing = _read_json(directory / MANIFEST_FILE)
+    existing = read_json_object(directory / MANIFEST_FILE)
     if (directory / MANIFEST_FILE).exists() and not force:
         if existing is None:
             raise IgkdError(f"{directory / MANIFEST_FILE} is unreadable: {REBUILD_HINT}")
@@ -371,7 +365,7 @@ def compute_attributions(
             raise IgkdError(f"{directory} holds an interrupted computation in {_precision_mismatch(state, precision)}: rerun it with that precision (or auto), or add --force")
         state = None
     if state is None and not force and (directory / PROGRESS_FILE).exists():
-        found = (_read_json(directory / PROGRESS_FILE) or {}).get("identity") or {}
+        found = (read_json_object(directory / PROGRESS_FILE) or {}).get("identity") or {}
         mismatch = _first_mismatch(found, identity) or "another computation"
         raise IgkdError(
             f"{directory} holds an interrupted computation of {mismatch}: rerun that command to resume it, "

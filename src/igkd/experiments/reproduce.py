@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from igkd.atomic import atomic_open, atomic_write_json, atomic_write_text
+from igkd.atomic import atomic_open, atomic_write_json, atomic_write_text, read_json_object
 from igkd.errors import IgkdError
 
 STAGES = ("teacher", "ig", "ablation", "montecarlo", "sweep", "report")
@@ -265,19 +265,13 @@ def _latency_students(out: Path) -> list[Path]:
     found: dict[str, Path] = {}
     for study in ("sweep", "ablation"):
         for summary_path in sorted((out / study / "runs").glob("*/summary.json")) if (out / study / "runs").is_dir() else []:
-            summary = _read_json(summary_path)
+            summary = read_json_object(summary_path)
             model = summary_path.parent / "model.safetensors"
             if summary and summary.get("method") == "student" and summary.get("seed") == 0 and model.exists():
                 found.setdefault(summary["student"], model)
     return [found[k] for k in sorted(found, key=lambda name: int(name[1:]))]
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 # -- paper vs ours -------------------------------------------------------------------------------
@@ -308,7 +302,7 @@ def _accuracies(out: Path, study: str) -> dict[str, list[float]]:
 def paper_tables(out: Path) -> str:
     """Markdown: Table 3 and the Monte Carlo table, the paper's numbers beside ours."""
     paper = paper_results()
-    teacher = _read_json(out / "teacher" / "summary.json") or {}
+    teacher = read_json_object(out / "teacher" / "summary.json") or {}
     lines = [
         "# Paper vs ours (CIFAR-10)",
         "",
@@ -366,7 +360,7 @@ def run_reproduce(
         raise IgkdError(f"--out {out} is a file: give a folder for the reproduction")
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings.quick(dataset) if quick else Settings.full(dataset)
-    state = _read_json(out / STATE_FILE) or {"format": "igkd-reproduce", "stages": {}}
+    state = read_json_object(out / STATE_FILE) or {"format": "igkd-reproduce", "stages": {}}
     if state.get("quick", quick) != quick:
         raise IgkdError(f"{out} holds a {'--quick' if state['quick'] else 'full'} reproduction: use the same mode, or another --out")
     state["quick"] = quick
@@ -481,7 +475,7 @@ def pack(out: Path, archive: Path, limit: int = PACK_LIMIT) -> dict:
     seen_methods = set()
     for path in files:
         if path.name == "model.safetensors" and path.parent.parent.name == "runs":
-            method = (_read_json(path.parent / "summary.json") or {}).get("method")
+            method = (read_json_object(path.parent / "summary.json") or {}).get("method")
             if method and method not in seen_methods:
                 seen_methods.add(method)
                 optional.append(path)

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from igkd.atomic import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from igkd.atomic import atomic_write_json, atomic_write_text, read_json_object, remove_stale_temporaries
 from igkd.distill import METHODS, resolve_config, run_training
 from igkd.errors import IgkdError
 from igkd.experiments.agreement import AGREEMENT_FILE, measure_agreement
@@ -375,11 +375,6 @@ def read_study_file(path: str | Path) -> dict:
 # -- running ----------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def add_extras(run_dir: Path, dataset, teacher: dict | None, options: StudyOptions, cache: dict | None = None) -> None:
@@ -388,12 +383,12 @@ def add_extras(run_dir: Path, dataset, teacher: dict | None, options: StudyOptio
     ``cache``: a dict the caller keeps across the runs of a study (the teacher's IG maps are computed once).
     """
     if options.agreement is not None:
-        existing = _read_json(run_dir / AGREEMENT_FILE) or {}
+        existing = read_json_object(run_dir / AGREEMENT_FILE) or {}
         if (existing.get("n_requested"), existing.get("n_steps")) != (options.agreement, options.agreement_steps):
             result = measure_agreement(teacher["path"], run_dir, dataset, n=options.agreement, n_steps=options.agreement_steps, device=options.device, cache=cache)
             atomic_write_json(run_dir / AGREEMENT_FILE, result)
     if options.robustness is not None:
-        existing = _read_json(run_dir / ROBUSTNESS_FILE) or {}
+        existing = read_json_object(run_dir / ROBUSTNESS_FILE) or {}
         if existing.get("spec") != options.robustness:
             from igkd.devices import resolve_device
             from igkd.models import load_model
@@ -411,7 +406,7 @@ def _results_csv(study: dict, out: Path) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["method", "run", "accuracy", "student", "seed", "subset_seed", "params", "cf", "val_accuracy", "run_id"])
     for entry in study["plan"]:
-        summary = _read_json(out / RUNS_DIR / entry["run_id"] / "summary.json")
+        summary = read_json_object(out / RUNS_DIR / entry["run_id"] / "summary.json")
         if summary is not None:
             writer.writerow([
                 entry["method"], entry["run"], summary["test_accuracy"], entry["student"], entry["seed"], entry["subset_seed"],
@@ -595,7 +590,7 @@ def _tune_runs(out: Path) -> list[dict]:
     folder = out / RUNS_DIR
     trials = sorted(folder.glob("trial-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1) if folder.is_dir() else []
     for run_dir in trials:
-        config = _read_json(run_dir / "config.json") or {}
+        config = read_json_object(run_dir / "config.json") or {}
         runs.append({"run_id": run_dir.name, "method": config.get("method"), "student": config.get("student"), "seed": config.get("seed")})
     return runs
 
@@ -615,19 +610,19 @@ def load_study(path: str | Path) -> dict:
     runs = []
     for entry in entries:
         run_dir = out / RUNS_DIR / entry["run_id"]
-        summary = _read_json(run_dir / "summary.json")
+        summary = read_json_object(run_dir / "summary.json")
         status = "finished" if summary is not None else "interrupted" if (run_dir / "checkpoint.pt").exists() else "pending"
         runs.append({
             **entry,
             "dir": str(run_dir),
             "status": status,
             "summary": summary,
-            "agreement": _read_json(run_dir / AGREEMENT_FILE),
-            "robustness": _read_json(run_dir / ROBUSTNESS_FILE),
+            "agreement": read_json_object(run_dir / AGREEMENT_FILE),
+            "robustness": read_json_object(run_dir / ROBUSTNESS_FILE),
         })
     study["runs"] = runs
     if study["kind"] == "tune":
-        study["tune_result"] = _read_json(out / "tune.json")
+        study["tune_result"] = read_json_object(out / "tune.json")
     return study
 
 
