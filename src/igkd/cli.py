@@ -28,6 +28,7 @@ _STAGES = (
     "igkd.deploy.commands",
     "igkd.experiments.commands",
     "igkd.experiments.reproduce",
+    "igkd.doctor",
     "igkd.report.commands",
     "igkd.demo",
 )
