@@ -1,36 +1,42 @@
-"""Training-step throughput: igkd's device-resident pipeline vs a reference-style pipeline.
+"""Training-step throughput, split into its two factors: input pipeline and memory layout.
 
-Both train the same student with the same loss (KD_IG: teacher forward + KD loss + IG overlay),
-Adam, the same batch size, on the same synthetic CIFAR-sized images and maps. They differ in
-the input pipeline and the memory layout:
+Every variant trains the same student with the same loss (KD_IG: IG overlay, teacher forward, KD
+loss, Adam) on the same synthetic CIFAR-sized images and maps, at the same batch size:
 
-* reference: a per-sample ``torch.utils.data.Dataset`` doing crop/flip and the IG overlay in
-  numpy per image, collated by a ``DataLoader`` (as in the authors' code);
-* igkd: the whole split on the device as uint8, batched crop/flip (``DeviceLoader``) and batched
-  overlay (``ig_overlay``), models and batches in channels_last (igkd's default layout).
+* pipeline ``dataloader``: a per-sample ``torch.utils.data.Dataset`` doing crop/flip and the overlay
+  in numpy per image, collated by a ``DataLoader`` (as in the authors' code), copied to the device;
+* pipeline ``device``: the split on the device as uint8, batched crop/flip (``DeviceLoader``) and
+  batched overlay (``ig_overlay``);
+* layout ``nchw`` or ``channels_last`` (models and batches).
 
-Prints one JSON object: training images/s of both and their ratio, and the same for the input
-pipeline alone (batches produced, no model), all measured in one run on one machine. On a CPU the
-model dominates the step; on a GPU the input pipeline is what starves it.
+The four variants run interleaved in rounds (the order rotates), so load from other processes falls
+on all of them; each factor is then a ratio of two variants that differ in that factor alone.
+Prints one JSON object (``--out`` also writes it), with the projected time of a 100-epoch run on
+45,000 images from the fastest variant's rate.
 
-    python benchmarks/train_throughput.py --images 1024 --steps 12 --student k5
+    python benchmarks/train_throughput.py --threads 1 --out benchmarks/results/train_throughput_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from igkd.data.loader import DeviceLoader
-from igkd.distill.losses import kd_loss
-from igkd.distill.overlay import ig_overlay
-from igkd.models import build_model
-from igkd.provenance import environment
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import load_average, machine_record  # noqa: E402
+
+from igkd.atomic import atomic_write_text  # noqa: E402
+from igkd.data.loader import DeviceLoader  # noqa: E402
+from igkd.distill.losses import kd_loss  # noqa: E402
+from igkd.distill.overlay import ig_overlay  # noqa: E402
+from igkd.models import build_model  # noqa: E402
 
 
 class ReferenceStyleDataset(torch.utils.data.Dataset):
@@ -56,86 +62,117 @@ class ReferenceStyleDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)), int(self.labels[i])
 
 
-def train_steps(batches, student, teacher, steps: int, channels_last: bool) -> float:
-    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
-    done, start = 0, None
-    for step, (x, y) in enumerate(batches()):
-        if step == 2:  # warm-up
-            start, done = time.perf_counter(), 0
-        if step == steps + 2:
-            break
-        if channels_last:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Variant:
+    """One (pipeline, layout) combination: its own student, optimizer and endless batch stream."""
+
+    def __init__(self, pipeline: str, layout: str, args, data, teacher, device):
+        self.name, self.layout, self.device = f"{pipeline}+{layout}", layout, device
+        torch.manual_seed(0)
+        memory = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        self.student = build_model(args.student).to(device).to(memory_format=memory)
+        self.teacher = teacher.to(memory_format=memory)
+        self.optimizer = torch.optim.Adam(self.student.parameters(), lr=1e-3)
+        self.batches = self._stream(pipeline, args, data)
+        self.images = 0
+        self.seconds = 0.0
+
+    def _stream(self, pipeline, args, data):
+        images, labels, maps = data
+        if pipeline == "dataloader":
+            dataset = ReferenceStyleDataset(images.permute(0, 2, 3, 1).numpy(), labels.numpy(), maps.numpy(), args.p, 0)
+            for _ in itertools.count():
+                for x, y in torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers):
+                    yield x.to(self.device), y.to(self.device)
+        loader = DeviceLoader(images.to(self.device), labels, args.batch_size, seed=0, extras={"ig": maps.half()})
+        overlay_rng = torch.Generator(device=self.device).manual_seed(0)
+        for epoch in itertools.count():
+            loader.set_epoch(epoch)
+            for batch in loader:
+                yield ig_overlay(batch.images, batch.extras["ig"], args.p, overlay_rng), batch.labels
+
+    def step(self) -> int:
+        x, y = next(self.batches)
+        if self.layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            t = teacher(x)
-        loss = kd_loss(student(x), t, y, 0.01, 2.5)
-        optimizer.zero_grad(set_to_none=True)
+            t = self.teacher(x)
+        loss = kd_loss(self.student(x), t, y, 0.01, 2.5)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        done += len(y)
-    return done / (time.perf_counter() - start)
+        self.optimizer.step()
+        return len(y)
+
+    def timed(self, steps: int) -> None:
+        synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.images += self.step()
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - start
 
 
-def pipeline_only(batches, steps: int) -> float:
-    """Images/s of producing augmented batches alone (no model): the input pipeline's own cost."""
-    done, start = 0, None
-    for step, (x, y) in enumerate(batches()):
-        if step == 2:
-            start, done = time.perf_counter(), 0
-        if step == steps + 2:
-            break
-        done += len(y)
-    return done / (time.perf_counter() - start)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=4, help="Timed steps per variant per round.")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--student", default="k5")
     parser.add_argument("--teacher-width", type=float, default=1.0)
     parser.add_argument("--p", type=float, default=0.1)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the reference pipeline.")
-    args = parser.parse_args()
-    torch.manual_seed(0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    load_before = load_average()
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, 10, (args.images,), generator=generator)
-    maps = torch.rand(args.images, 32, 32, generator=generator)
-    teacher = build_model("teacher", width=args.teacher_width).eval().requires_grad_(False)
+    data = (torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=generator),
+            torch.randint(0, 10, (args.images,), generator=generator), torch.rand(args.images, 32, 32, generator=generator))
+    torch.manual_seed(0)
+    teacher = build_model("teacher", width=args.teacher_width).to(device).eval().requires_grad_(False)
+    variants = [Variant(p, layout, args, data, teacher, device) for p in ("dataloader", "device") for layout in ("nchw", "channels_last")]
+    for variant in variants:  # warm-up: allocator, oneDNN/cuDNN algorithm choice
+        for _ in range(2):
+            variant.step()
+    for r in range(args.rounds):
+        for variant in variants[r % 4 :] + variants[: r % 4]:
+            variant.timed(args.steps)
+    rate = {v.name: v.images / v.seconds for v in variants}
 
-    dataset = ReferenceStyleDataset(images.permute(0, 2, 3, 1).numpy(), labels.numpy(), maps.numpy(), args.p, 0)
+    def ratio(a, b):
+        return round(rate[a] / rate[b], 3)
 
-    def reference_batches():
-        while True:
-            yield from torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
-
-    loader = DeviceLoader(images, labels, args.batch_size, seed=0, extras={"ig": maps.half()})
-    overlay_rng = torch.Generator().manual_seed(0)
-
-    def igkd_batches():
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            for batch in loader:
-                yield ig_overlay(batch.images, batch.extras["ig"], args.p, overlay_rng), batch.labels
-            epoch += 1
-
-    ref_pipe, ours_pipe = pipeline_only(reference_batches, 4 * args.steps), pipeline_only(igkd_batches, 4 * args.steps)
-    ref = train_steps(reference_batches, build_model(args.student), teacher, args.steps, channels_last=False)
-    teacher = teacher.to(memory_format=torch.channels_last)
-    ours = train_steps(igkd_batches, build_model(args.student).to(memory_format=torch.channels_last), teacher, args.steps, channels_last=True)
-    env = environment("cpu")
-    print(json.dumps({
+    best = max(rate.values())
+    report = {
         "benchmark": "train_throughput",
-        "student": args.student, "teacher_width": args.teacher_width, "batch_size": args.batch_size, "steps": args.steps,
-        "p": args.p, "reference_workers": args.workers,
-        "reference_images_per_s": round(ref, 1), "igkd_images_per_s": round(ours, 1), "ratio": round(ours / ref, 3),
-        "pipeline_only": {"reference_images_per_s": round(ref_pipe, 1), "igkd_images_per_s": round(ours_pipe, 1), "ratio": round(ours_pipe / ref_pipe, 2)},
-        "device": env["device_name"], "torch": env["torch"], "git_sha": env["git_sha"], "threads": torch.get_num_threads(),
-        "command": env["command"],
-    }, indent=2))
+        "student": args.student, "teacher_width": args.teacher_width, "batch_size": args.batch_size, "p": args.p,
+        "steps_per_round": args.steps, "rounds": args.rounds, "reference_workers": args.workers,
+        "images_per_s": {name: round(value, 1) for name, value in rate.items()},
+        "factors": {
+            "channels_last_alone (device pipeline)": ratio("device+channels_last", "device+nchw"),
+            "channels_last_alone (dataloader pipeline)": ratio("dataloader+channels_last", "dataloader+nchw"),
+            "device_pipeline_alone (nchw)": ratio("device+nchw", "dataloader+nchw"),
+            "device_pipeline_alone (channels_last)": ratio("device+channels_last", "dataloader+channels_last"),
+            "both (igkd vs reference-style)": ratio("device+channels_last", "dataloader+nchw"),
+        },
+        "projected_100_epochs_45000_images_s": round(100 * 45_000 / best, 1),
+        "machine": machine_record(device, load_before),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, text + "\n")
+    return report
 
 
 if __name__ == "__main__":
