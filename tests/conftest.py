@@ -13,22 +13,9 @@ torch.set_num_threads(1)
 
 def make_tiny_dataset(n_train: int = 64, n_test: int = 32, size: int = 16, classes: int = 4, seed: int = 0):
     """A learnable toy problem: class c has a bright square in quadrant c, plus noise."""
-    from igkd.data.dataset import Dataset, ImageSet, content_fingerprint
+    from igkd.doctor import tiny_dataset
 
-    generator = torch.Generator().manual_seed(seed)
-
-    def split(n):
-        labels = torch.arange(n) % classes
-        images = torch.randint(0, 60, (n, 3, size, size), generator=generator).to(torch.uint8)
-        half = size // 2
-        for i, c in enumerate(labels.tolist()):
-            r, q = divmod(c % 4, 2)
-            images[i, :, r * half : (r + 1) * half, q * half : (q + 1) * half] += 150
-        return ImageSet(images, labels.long())
-
-    train, test = split(n_train), split(n_test)
-    names = tuple(f"c{i}" for i in range(classes))
-    return Dataset("tiny", names, train, test, content_fingerprint(train.images, train.labels, test.images, test.labels, extra="tiny"), "memory")
+    return tiny_dataset(n_train, n_test, size, classes, seed)
 
 
 @pytest.fixture

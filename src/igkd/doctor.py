@@ -28,11 +28,12 @@ class NotChecked(Exception):
     """A path that cannot run here (no GPU, a missing optional package); says why."""
 
 
-def tiny_dataset(n_train: int = 96, n_test: int = 32, size: int = 16, classes: int = 4):
-    """A learnable toy problem built in memory: class c has a bright square in quadrant c."""
+def tiny_dataset(n_train: int = 64, n_test: int = 32, size: int = 16, classes: int = 4, seed: int = 0, name: str = "tiny"):
+    """A learnable toy problem built in memory: class c has a bright square in quadrant c, plus noise
+    (the doctor's data, and the test suite's ``tiny_dataset`` fixture)."""
     from igkd.data.dataset import Dataset, ImageSet, content_fingerprint
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
 
     def split(n):
         labels = torch.arange(n) % classes
@@ -44,15 +45,15 @@ def tiny_dataset(n_train: int = 96, n_test: int = 32, size: int = 16, classes: i
         return ImageSet(images, labels.long())
 
     train, test = split(n_train), split(n_test)
-    fingerprint = content_fingerprint(train.images, train.labels, test.images, test.labels, extra="doctor")
-    return Dataset("doctor", tuple(f"c{i}" for i in range(classes)), train, test, fingerprint, "memory")
+    fingerprint = content_fingerprint(train.images, train.labels, test.images, test.labels, extra=name)
+    return Dataset(name, tuple(f"c{i}" for i in range(classes)), train, test, fingerprint, "memory")
 
 
 class Doctor:
     def __init__(self, device: torch.device, folder: Path, compile_check: bool):
         self.device, self.folder, self.compile_check = device, folder, compile_check
         self.cuda = device.type == "cuda"
-        self.data = tiny_dataset()
+        self.data = tiny_dataset(n_train=96, name="doctor")
         torch.manual_seed(0)
         from igkd.models import build_model
 
