@@ -31,3 +31,34 @@ def kd_loss(
         log_target=True,
     )
     return (1 - alpha) * ce + alpha * t * t * kl
+
+
+def _column(value, like: torch.Tensor) -> torch.Tensor:
+    """A per-member constant (a float or a [G] tensor) as [G, 1] for broadcasting over a batch."""
+    return torch.as_tensor(value, dtype=torch.float32, device=like.device).expand(like.shape[0]).reshape(-1, 1)
+
+
+def cross_entropy_members(logits: torch.Tensor, labels: torch.Tensor, label_smoothing=0.0) -> torch.Tensor:
+    """Cross-entropy of each member, ``[G]``: logits ``[G, B, K]``, labels ``[G, B]``, label smoothing a float or ``[G]``.
+
+    Equal to ``F.cross_entropy(logits[g], labels[g], label_smoothing=ls[g])`` for every g:
+    (1 - ls) * NLL + ls * mean over classes of -log p.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    ls = _column(label_smoothing, logits)
+    return ((1 - ls) * nll + ls * -logp.mean(-1)).mean(1)
+
+
+def kd_members(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha, temperature, label_smoothing=0.0) -> torch.Tensor:
+    """:func:`kd_loss` of each member, ``[G]``, with per-member alpha, T and label smoothing (floats or ``[G]``).
+
+    KL is summed over classes and averaged over the member's batch (``batchmean``), as in :func:`kd_loss`.
+    """
+    ce = cross_entropy_members(student_logits, labels, label_smoothing)
+    t = _column(temperature, student_logits).unsqueeze(-1)  # [G, 1, 1]
+    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean(1)
+    a, t = _column(alpha, student_logits).squeeze(1), t.flatten()
+    return (1 - a) * ce + a * t * t * kl
