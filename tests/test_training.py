@@ -87,16 +87,16 @@ def test_resume_after_interrupt_gives_identical_weights(tiny_dataset, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path, monkeypatch):
-    import igkd.distill.loop as loop
+    from igkd.distill.objective import Objective
 
     poisoned = {"on": False}
-    real = loop.kd_loss
+    real = Objective.logit_losses
 
     def maybe_nan(*args, **kwargs):
         loss = real(*args, **kwargs)
         return loss * float("nan") if poisoned["on"] else loss
 
-    monkeypatch.setattr(loop, "kd_loss", maybe_nan)
+    monkeypatch.setattr(Objective, "logit_losses", maybe_nan)
     with pytest.raises(IgkdError, match=r"NaN/inf in epoch 2.*last good checkpoint \(epoch 1\)"):
         train(_config("student", epochs=3), tiny_dataset, tmp_path, progress=False, on_epoch_end=lambda e, r: poisoned.update(on=True))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -127,9 +127,18 @@ def test_yaml_config_values_and_unknown_keys(tmp_path):
         load_yaml(tmp_path / "bad.yaml")
 
 
+def _free_port() -> int:
+    """A port no other test run holds right now (a fixed one clashed when test runs overlapped)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import os, sys, torch
     sys.path.insert(0, {tests!r})
     from conftest import make_tiny_dataset
     from igkd.distill import resolve_config, train
@@ -137,7 +146,7 @@ DDP_SCRIPT = textwrap.dedent(
     config = resolve_config("kd", "paper", student="k17", epochs=2, batch_size=16, val_fraction=0.25, device="cpu")
     teacher = __import__("igkd.models", fromlist=["build_model"]).build_model("teacher", width=0.25, num_classes=4)
     summary = train(config, make_tiny_dataset(), {out!r}, teacher=teacher, progress=False)
-    print("RANK_DONE", summary["world_size"], summary["test_accuracy"])
+    os.write(1, f"RANK_DONE {{summary['world_size']}} {{summary['test_accuracy']}}\\n".encode())  # one write: the ranks share stdout
     """
 )
 
@@ -146,7 +155,7 @@ def test_ddp_two_cpu_processes_write_one_summary(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "run")))
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

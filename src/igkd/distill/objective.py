@@ -37,13 +37,10 @@ class Objective:
 
         return cls(column("alpha"), column("temperature"), column("label_smoothing"), column("gamma"))
 
-    @property
-    def uses_kd(self) -> bool:
-        return bool((self.alpha > 0).any())
-
-    @property
-    def uses_attention(self) -> bool:
-        return bool((self.gamma > 0).any())
+    def __post_init__(self) -> None:
+        # Decided once here, not per step (a device tensor's truth value is a host synchronisation).
+        self.uses_kd = bool((self.alpha > 0).any())
+        self.uses_attention = bool((self.gamma > 0).any())
 
     def logit_losses(self, logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
         """``[G]``: cross-entropy (with each member's label smoothing), or KD where alpha > 0."""

@@ -124,10 +124,20 @@ class FusedBatchNorm2d(nn.Module):
         self.register_buffer("running_var", _stack([m.running_var for m in members]))
         self.register_buffer("num_batches_tracked", torch.stack([m.num_batches_tracked.detach() for m in members]))  # [G]
 
+    track_running_stats = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        momentum = self.momentum
         if self.training:
             self.num_batches_tracked.add_(1)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps)
+            if momentum is None:  # cumulative average, as nn.BatchNorm2d (BatchNorm recalibration before evaluation)
+                momentum = 1.0 / float(self.num_batches_tracked[0])
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, momentum, self.eps)
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
 
     def split(self, name: str, value: torch.Tensor) -> list[torch.Tensor]:
         return list(value.unbind(0)) if name == "num_batches_tracked" else list(value.chunk(self.G, 0))
