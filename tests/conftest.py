@@ -21,3 +21,13 @@ def make_tiny_dataset(n_train: int = 64, n_test: int = 32, size: int = 16, class
 @pytest.fixture
 def tiny_dataset():
     return make_tiny_dataset()
+
+
+def as_cohort_trainer(train_one):
+    """A stand-in for ``igkd.distill.executor._train`` that trains each run of a cohort with
+    ``train_one(config, dataset, out_dir, **kwargs)`` (tests that fake or count single runs)."""
+
+    def train(cohort, dataset, inputs, **kwargs):
+        return [train_one(run.config, dataset, run.out, **kwargs) for run in cohort]
+
+    return train

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from igkd.cli import main
+from igkd.distill import executor
 from igkd.models import build_model, save_model
 
 CLASSES = 4
@@ -136,7 +137,7 @@ def test_a_run_with_a_corrupt_summary_is_finished_again_on_resume(world, tmp_pat
 
 
 def test_a_study_retrains_a_run_whose_summary_is_unreadable(tmp_path, monkeypatch):
-    from conftest import make_tiny_dataset
+    from conftest import as_cohort_trainer, make_tiny_dataset
 
     from igkd.experiments import studies
 
@@ -149,7 +150,7 @@ def test_a_study_retrains_a_run_whose_summary_is_unreadable(tmp_path, monkeypatc
         (out_dir / "summary.json").write_text(json.dumps(summary))
         return summary
 
-    monkeypatch.setattr(studies, "run_training", trainer)
+    monkeypatch.setattr(executor, "_train", as_cohort_trainer(trainer))
     data, out = make_tiny_dataset(), tmp_path / "s"
     args = dict(methods="student", seeds=2, student="k17", epochs=1, device="cpu", progress=False)
     studies.run_ablation(data, out, **args)

@@ -6,11 +6,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_dataset
+from conftest import as_cohort_trainer, make_tiny_dataset
 from PIL import Image
 from typer.testing import CliRunner
 
 from igkd.cli import app, main
+from igkd.distill import executor
 from igkd.experiments import studies
 from igkd.experiments.studies import run_ablation, run_sweep, study_statistics
 from igkd.models import build_model, save_model
@@ -126,7 +127,7 @@ def test_partial_sweep_lists_unfinished_runs_and_skips_what_it_cannot_draw(tiny,
         (out_dir / "summary.json").write_text(json.dumps(summary))
         return summary
 
-    monkeypatch.setattr(studies, "run_training", fake_training)
+    monkeypatch.setattr(executor, "_train", as_cohort_trainer(fake_training))
     run_sweep(tiny, tmp_path / "sweep", students="k15,k17", methods="student", seeds=2, **FAST)
     (tmp_path / "sweep/runs/k17-student-s1/summary.json").unlink()  # as if the study stopped before its last run
     main_args = ["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "rep")]

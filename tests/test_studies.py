@@ -4,7 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import as_cohort_trainer
 from typer.testing import CliRunner
+
+from igkd.distill import executor
 
 from igkd.distill.loop import split_indices
 from igkd.errors import IgkdError
@@ -36,22 +39,24 @@ def attributions_dir(tmp_path, teacher_file, tiny_dataset):
 
 
 class CountingTrainer:
-    """Wraps run_training: counts calls, can interrupt the n-th run after its first epoch (checkpoint written)."""
+    """Wraps the executor's training of a cohort (one run each on the CPU): counts runs, can interrupt the
+    n-th run after its first epoch (checkpoint written)."""
 
     def __init__(self, interrupt_call=None):
         self.calls, self.interrupt_call, self.resumed_from_checkpoint = [], interrupt_call, []
-        self.real = studies.run_training
+        self.real = executor._train
 
-    def __call__(self, config, dataset, out_dir, **kwargs):
-        self.calls.append(out_dir.name)
-        self.resumed_from_checkpoint.append((out_dir / "checkpoint.pt").exists())
+    def __call__(self, cohort, dataset, inputs, **kwargs):
+        for run in cohort:
+            self.calls.append(run.out.name)
+            self.resumed_from_checkpoint.append((run.out / "checkpoint.pt").exists())
         if len(self.calls) == self.interrupt_call:
 
             def interrupt(epoch, record):
                 raise KeyboardInterrupt
 
             kwargs["on_epoch_end"] = interrupt
-        return self.real(config, dataset, out_dir, **kwargs)
+        return self.real(cohort, dataset, inputs, **kwargs)
 
 
 def fake_trainer(accuracy):
@@ -69,7 +74,7 @@ def fake_trainer(accuracy):
 def test_ablation_interleaves_methods_and_resumes_without_rerunning(tiny_dataset, teacher_file, tmp_path, monkeypatch):
     out = tmp_path / "ablation"
     trainer = CountingTrainer(interrupt_call=3)
-    monkeypatch.setattr(studies, "run_training", trainer)
+    monkeypatch.setattr(executor, "_train", trainer)
     with pytest.raises(KeyboardInterrupt):
         run_ablation(tiny_dataset, out, methods="student,kd", seeds=2, student="k17", teacher=teacher_file, **FAST)
     assert trainer.calls == ["student-s0", "kd-s0", "student-s1"]  # seed 0 of every method first
@@ -106,7 +111,7 @@ def test_ablation_interleaves_methods_and_resumes_without_rerunning(tiny_dataset
     ],
 )
 def test_continuing_with_other_options_is_refused(change, message, tiny_dataset, teacher_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(studies, "run_training", fake_trainer(lambda c: 50.0))
+    monkeypatch.setattr(executor, "_train", as_cohort_trainer(fake_trainer(lambda c: 50.0)))
     args = dict(methods="student", seeds=2, student="k17", teacher=teacher_file, **FAST)
     run_ablation(tiny_dataset, tmp_path / "s", **args)
     with pytest.raises(IgkdError, match=message):
@@ -114,7 +119,7 @@ def test_continuing_with_other_options_is_refused(change, message, tiny_dataset,
 
 
 def test_a_study_folder_runs_in_one_process_at_a_time(tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(studies, "run_training", fake_trainer(lambda c: 50.0))
+    monkeypatch.setattr(executor, "_train", as_cohort_trainer(fake_trainer(lambda c: 50.0)))
     args = dict(methods="student", seeds=1, student="k17", **FAST)
     run_ablation(tiny_dataset, tmp_path / "s", **args)
     with studies.study_lock(tmp_path / "s"):  # as if another process were running it
@@ -126,7 +131,7 @@ def test_a_study_folder_runs_in_one_process_at_a_time(tiny_dataset, tmp_path, mo
 
 
 def test_bad_study_inputs_fail_before_training(tiny_dataset, teacher_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(studies, "run_training", fake_trainer(lambda c: 50.0))
+    monkeypatch.setattr(executor, "_train", as_cohort_trainer(fake_trainer(lambda c: 50.0)))
     with pytest.raises(IgkdError, match="needs a teacher"):
         run_ablation(tiny_dataset, tmp_path / "a", methods="kd", seeds=1, student="k17", **FAST)
     with pytest.raises(IgkdError, match="pass --attributions"):
@@ -161,7 +166,7 @@ def test_montecarlo_runs_share_the_subset_across_methods(tiny_dataset, teacher_f
 
 
 def test_independent_montecarlo_draws_per_method_and_stats_use_welch(tiny_dataset, teacher_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(studies, "run_training", fake_trainer(lambda c: 50.0 + (c.seed % 7) + (0.5 if c.method == "kd" else 0)))
+    monkeypatch.setattr(executor, "_train", as_cohort_trainer(fake_trainer(lambda c: 50.0 + (c.seed % 7) + (0.5 if c.method == "kd" else 0))))
     args = dict(methods="student,kd", runs=3, subset=0.5, student="k17", teacher=teacher_file, **FAST)
     paired = run_montecarlo(tiny_dataset, tmp_path / "paired", **args)
     independent = run_montecarlo(tiny_dataset, tmp_path / "independent", independent=True, **args)
@@ -176,7 +181,7 @@ def test_independent_montecarlo_draws_per_method_and_stats_use_welch(tiny_datase
 
 
 def test_stats_of_a_partial_paired_study_use_complete_pairs(tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(studies, "run_training", fake_trainer(lambda c: 60.0 + c.seed))
+    monkeypatch.setattr(executor, "_train", as_cohort_trainer(fake_trainer(lambda c: 60.0 + c.seed)))
     study = run_ablation(tiny_dataset, tmp_path / "s", methods="student", seeds=3, student="k17", **FAST)
     assert len(study["runs"]) == 3
     # a kd run that exists for seeds 0 and 1 only, as if the study had stopped there

@@ -76,6 +76,28 @@ def load_ig_maps(directory: str | Path, teacher_sha256: str, dataset) -> tuple[t
     return maps, info
 
 
+def load_inputs(configs, dataset, *, teacher_path: str | Path | None = None, attributions_dir: str | Path | None = None) -> dict:
+    """The teacher and IG maps the runs of ``configs`` need, loaded once and checked against the data.
+
+    Returns the keyword arguments of :class:`igkd.distill.loop.Trainer`: ``teacher``, ``teacher_info``,
+    ``ig_maps``, ``attribution_info`` (None where no run needs them).
+    """
+    teacher, teacher_info = (None, None)
+    if teacher_path is not None:
+        teacher, teacher_info = load_teacher(teacher_path)
+        if teacher.num_classes != dataset.num_classes:
+            raise IgkdError(f"teacher {teacher_path} has {teacher.num_classes} classes but dataset {dataset.name} has {dataset.num_classes}")
+    maps, attribution_info = (None, None)
+    overlaid = [c for c in configs if c.p > 0]
+    if overlaid:
+        if attributions_dir is None:
+            raise IgkdError(f"method {overlaid[0].method!r} overlays IG maps (p={overlaid[0].p}): pass --attributions DIR (built by 'igkd attributions compute')")
+        if teacher_info is None:
+            raise IgkdError("IG maps are checked against their teacher: pass --teacher CKPT with --attributions")
+        maps, attribution_info = load_ig_maps(attributions_dir, teacher_info["sha256"], dataset)
+    return {"teacher": teacher, "teacher_info": teacher_info, "ig_maps": maps, "attribution_info": attribution_info}
+
+
 def run_training(
     config: TrainConfig,
     dataset,
@@ -87,28 +109,7 @@ def run_training(
     progress: bool = True,
     on_epoch_end=None,
 ) -> dict:
+    """Load what ``config`` needs (teacher, IG maps), then train the run in ``out_dir``; returns its summary."""
     refuse_foreign_folder(out_dir)
-    teacher, teacher_info = (None, None)
-    if teacher_path is not None:
-        teacher, teacher_info = load_teacher(teacher_path)
-        if teacher.num_classes != dataset.num_classes:
-            raise IgkdError(f"teacher {teacher_path} has {teacher.num_classes} classes but dataset {dataset.name} has {dataset.num_classes}")
-    maps, attribution_info = (None, None)
-    if config.p > 0:
-        if attributions_dir is None:
-            raise IgkdError(f"method {config.method!r} overlays IG maps (p={config.p}): pass --attributions DIR (built by 'igkd attributions compute')")
-        if teacher_info is None:
-            raise IgkdError("IG maps are checked against their teacher: pass --teacher CKPT with --attributions")
-        maps, attribution_info = load_ig_maps(attributions_dir, teacher_info["sha256"], dataset)
-    return train(
-        config,
-        dataset,
-        out_dir,
-        teacher=teacher,
-        teacher_info=teacher_info,
-        ig_maps=maps,
-        attribution_info=attribution_info,
-        resume=resume,
-        progress=progress,
-        on_epoch_end=on_epoch_end,
-    )
+    inputs = load_inputs([config], dataset, teacher_path=teacher_path, attributions_dir=attributions_dir)
+    return train(config, dataset, out_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end, **inputs)

@@ -128,14 +128,21 @@ def register(app: typer.Typer) -> None:
 DATASET_HELP = "Dataset name: digits (offline), cifar10, folder, imagenet32-cifar."
 
 
-def _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json):
+COHORT_HELP = (
+    "Train up to N runs at once as one fused network (docs/training.md); 1 = run by run. "
+    "Default: 1 on the CPU, as many as fit on a GPU."
+)
+
+
+def _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size=None):
     from igkd.distill.config import load_yaml
+    from igkd.distill.executor import check_cohort_size
     from igkd.experiments.studies import StudyOptions
 
     return StudyOptions(
         teacher=teacher, attributions=attributions, recipe=recipe, config_values=load_yaml(config) if config else None,
         epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, device=device,
-        agreement=agreement, robustness=robustness, progress=not as_json,
+        agreement=agreement, robustness=robustness, progress=not as_json, cohort_size=check_cohort_size(cohort_size),
     )
 
 
@@ -197,13 +204,14 @@ def _register_studies(app: typer.Typer) -> None:
         device: str = typer.Option("auto"),
         agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images (agreement.json per run)."),
         robustness: Optional[str] = typer.Option(None, help="Also evaluate each run under corruptions, e.g. all (robustness.json per run)."),
+        cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help=COHORT_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print the study as JSON only."),
     ) -> None:
         """Train every method with seeds 0..N-1 on the full training split (paired by seed)."""
         from igkd.data import load_dataset
         from igkd.experiments.studies import run_ablation
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json)
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
         study = run_ablation(load_dataset(dataset, data_dir, progress=not as_json), out, methods=methods, seeds=seeds, student=student, options=options)
         _print_study(study, as_json)
 
@@ -228,13 +236,14 @@ def _register_studies(app: typer.Typer) -> None:
         device: str = typer.Option("auto"),
         agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images."),
         robustness: Optional[str] = typer.Option(None, help="Also evaluate each run under corruptions."),
+        cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help=COHORT_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print the study as JSON only."),
     ) -> None:
         """Monte Carlo: every method on N random stratified subsets, run r of each method on the same subset."""
         from igkd.data import load_dataset
         from igkd.experiments.studies import run_montecarlo
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json)
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
         study = run_montecarlo(
             load_dataset(dataset, data_dir, progress=not as_json), out, methods=methods, runs=runs, subset=subset, independent=independent,
             student=student, options=options,
@@ -260,13 +269,14 @@ def _register_studies(app: typer.Typer) -> None:
         device: str = typer.Option("auto"),
         agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images."),
         robustness: Optional[str] = typer.Option(None, help="Also evaluate each run under corruptions."),
+        cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help=COHORT_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print the study as JSON only."),
     ) -> None:
         """Accuracy against compression factor: every student x method x seed (params and CF recorded)."""
         from igkd.data import load_dataset
         from igkd.experiments.studies import run_sweep
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json)
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
         study = run_sweep(load_dataset(dataset, data_dir, progress=not as_json), out, students=students, methods=methods, seeds=seeds, options=options)
         _print_study(study, as_json)
 

@@ -155,8 +155,10 @@ def parse_stages(text: str | None) -> list[str]:
 class Reproduction:
     """The stages of one reproduction folder."""
 
-    def __init__(self, out: Path, settings: Settings, data, *, data_dir, device: str, budget: Budget, teacher: Path | None, progress: bool):
-        self.out, self.settings, self.data, self.data_dir = out, settings, data, data_dir
+    def __init__(
+        self, out: Path, settings: Settings, data, *, data_dir, device: str, budget: Budget, teacher: Path | None, progress: bool, cohort_size: int | None = None,
+    ):
+        self.out, self.settings, self.data, self.data_dir, self.cohort_size = out, settings, data, data_dir, cohort_size
         self.device, self.budget, self.teacher_given, self.progress = device, budget, teacher, progress
         self.times: dict[str, float] = {}
 
@@ -212,6 +214,7 @@ class Reproduction:
             teacher=self.teacher_path, attributions=self.out / "ig", recipe="paper", device=self.device, progress=self.progress,
             epochs=overrides.pop("epochs", None), batch_size=overrides.pop("batch_size", None), lr=overrides.pop("lr", None),
             config_values=overrides or None, on_epoch_end=self._epoch_hook(stage),
+            cohort_size=self.cohort_size, time_left=self.budget.left if self.budget.seconds is not None else None,
         )
 
     def ablation(self) -> dict:
@@ -344,11 +347,12 @@ def _fmt(value: float | None) -> str:
 
 def run_reproduce(
     out: Path, *, dataset: str = "folder", data_dir=None, budget: str | None = None, stages: str | None = None, quick: bool = False,
-    teacher: Path | None = None, device: str = "auto", results: Path | None = None, progress: bool = True,
+    teacher: Path | None = None, device: str = "auto", results: Path | None = None, progress: bool = True, cohort_size: int | None = None,
 ) -> dict:
     """Run the chosen stages in order until done or out of budget; returns the state (also ``out/reproduce.json``)."""
     from igkd.data import load_dataset
     from igkd.devices import resolve_device
+    from igkd.distill.executor import NotEnoughTime, check_cohort_size
 
     out = Path(out)
     chosen = parse_stages(stages)
@@ -367,7 +371,8 @@ def run_reproduce(
     data = load_dataset(dataset, data_dir, progress=progress)
     if settings.per_class is not None:
         data = first_per_class(data, *settings.per_class)
-    job = Reproduction(out, settings, data, data_dir=data_dir, device=device, budget=clock, teacher=teacher, progress=progress)
+    job = Reproduction(out, settings, data, data_dir=data_dir, device=device, budget=clock, teacher=teacher, progress=progress,
+                       cohort_size=check_cohort_size(cohort_size))
     say = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
     stopped, worked = None, False
     for i, stage in enumerate(chosen):
@@ -384,7 +389,9 @@ def run_reproduce(
         tick = time.perf_counter()
         try:
             result = getattr(job, stage)()
-        except BudgetSpent:
+        except (BudgetSpent, NotEnoughTime) as stop:
+            if isinstance(stop, NotEnoughTime):
+                say(str(stop))
             stopped = (number, stage)
         finally:
             record["wall_s"] = round(record["wall_s"] + time.perf_counter() - tick, 1)
@@ -541,6 +548,7 @@ def register(app) -> None:
         results: Optional[Path] = typer.Option(None, help="Also copy the tables, report and summaries here (e.g. docs/results)."),
         pack_file: Optional[Path] = typer.Option(None, "--pack", help="Write the small results of --out into this .tar.gz (< 16 MiB) and exit."),
         unpack_file: Optional[Path] = typer.Option(None, "--unpack", help="Restore a pack into --out (to continue there) and exit."),
+        cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help="Runs trained at once as one fused network (1 = run by run; default: 1 on CPU, as many as fit on a GPU)."),
     ) -> None:
         """Reproduce the paper: teacher, IG maps, ablation, Monte Carlo, sweep, latency and report; resumable, budgeted."""
         if pack_file is not None and unpack_file is not None:
@@ -557,7 +565,7 @@ def register(app) -> None:
         if dataset == "folder" and data_dir is None:
             raise IgkdError("--data-dir is needed: CIFAR-10 as an image folder or archive (e.g. cifar10-jpeg.tar.gz), or use --dataset digits --quick")
         state = run_reproduce(out, dataset=dataset, data_dir=data_dir, budget=budget, stages=stages, quick=quick, teacher=teacher,
-                              device=device, results=results)
+                              device=device, results=results, cohort_size=cohort_size)
         done = [name for name in STAGES if state["stages"].get(name, {}).get("done")]
         print(f"{out}: stages done: {', '.join(done) or 'none'}" + ("" if state.get("stopped_at") else "; nothing left to run" if len(done) == len(STAGES) else ""))
         if state.get("stopped_at"):

@@ -33,14 +33,14 @@ import csv
 import io
 import json
 import os
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from igkd.atomic import atomic_write_json, atomic_write_text, read_json_object, remove_stale_temporaries
-from igkd.distill import METHODS, resolve_config, run_training
+from igkd.distill import METHODS, executor, resolve_config, run_training  # noqa: F401 - tune trains its trials one by one with run_training
+from igkd.distill.executor import Run
 from igkd.errors import IgkdError
 from igkd.experiments.agreement import AGREEMENT_FILE, measure_agreement
 from igkd.locking import folder_lock
@@ -81,6 +81,8 @@ class StudyOptions:
     robustness: str | None = None  # corruption spec for igkd.evaluate.robustness
     progress: bool = True
     on_epoch_end: Callable[[int, dict], None] | None = None  # called after each epoch's checkpoint (igkd reproduce's budget)
+    cohort_size: int | None = None  # runs trained as one fused network; None: 1 on CPU, as many as fit on CUDA
+    time_left: Callable[[], float] | None = None  # seconds left; cohorts are sized to finish inside it
 
     def config(self, method: str, student: str, seed: int, subset: float = 1.0, subset_seed: int | None = None, **overrides):
         values = dict(self.config_values or {})
@@ -422,14 +424,6 @@ def say(options: StudyOptions, text: str) -> None:
         Console().print(text, highlight=False)
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"about {seconds:.0f} s"
-    if seconds < 5400:
-        return f"about {seconds / 60:.0f} min"
-    return f"about {seconds / 3600:.1f} h"
-
-
 def _finished(run_dir: Path) -> bool:
     """A run is finished when its summary.json is readable; a damaged one is trained again (it resumes)."""
     from igkd.distill.loop import read_summary
@@ -438,37 +432,34 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
-    """Train every unfinished run of the plan in order; skip finished ones, resume interrupted ones."""
-    plan = study["plan"]
-    teacher = study.get("teacher")
-    attributions = study.get("attributions")
-    total, trained_times, cache = len(plan), [], {}
+    """Train every unfinished run of the plan (in cohorts, see :mod:`igkd.distill.executor`); finished runs are
+    skipped, interrupted ones resume. Extras (agreement, robustness) follow each finished run."""
+    teacher, attributions, cache = study.get("teacher"), study.get("attributions"), {}
     _results_csv(study, out)  # runs finished earlier (a grown plan reorders them)
-    for i, entry in enumerate(plan, 1):
-        run_dir = out / RUNS_DIR / entry["run_id"]
+    runs = []
+    for entry in study["plan"]:
+        config = options.config(entry["method"], entry["student"], entry["seed"], study["subset"], entry["subset_seed"] if study["subset"] < 1 else None)
         label = f"{entry['method']} {entry['student']} seed {entry['seed']}" + (f" subset {study['subset']:g}/{entry['subset_seed']}" if study["subset"] < 1 else "")
-        if _finished(run_dir):
-            say(options, f"[dim]study {study['kind']}: run {i}/{total} {entry['run_id']} finished earlier: skipped[/dim]")
-        else:
-            remaining = sum(not _finished(out / RUNS_DIR / e["run_id"]) for e in plan[i - 1 :])
-            eta = f", {_duration(remaining * sum(trained_times) / len(trained_times))} left" if trained_times else ""
-            resumed = " (resuming its checkpoint)" if (run_dir / "checkpoint.pt").exists() else ""
-            say(options, f"[bold]study {study['kind']}: run {i}/{total}[/bold] {label} -> {run_dir}{resumed}{eta}")
-            started = time.perf_counter()
-            config = options.config(entry["method"], entry["student"], entry["seed"], study["subset"], entry["subset_seed"] if study["subset"] < 1 else None)
-            run_training(
-                config,
-                dataset,
-                run_dir,
-                teacher_path=teacher["path"] if teacher else None,
-                attributions_dir=attributions["path"] if attributions and config.p > 0 else None,
-                resume=True,
-                progress=options.progress,
-                on_epoch_end=options.on_epoch_end,
-            )
-            trained_times.append(time.perf_counter() - started)
-            _results_csv(study, out)
-        add_extras(run_dir, dataset, teacher, options, cache)
+        runs.append(Run(config, out / RUNS_DIR / entry["run_id"], label))
+    earlier = [r for r in runs if _finished(r.out)]
+    if earlier:
+        say(options, f"[dim]study {study['kind']}: {len(earlier)} of {len(runs)} runs finished earlier: skipped[/dim]")
+
+    def finished(cohort: list[Run], _summaries) -> None:
+        _results_csv(study, out)
+        for run in cohort:
+            add_extras(run.out, dataset, teacher, options, cache)
+
+    for run in earlier:
+        add_extras(run.out, dataset, teacher, options, cache)
+    executor.execute(
+        runs, dataset,
+        teacher_path=teacher["path"] if teacher else None,
+        attributions_dir=attributions["path"] if attributions else None,
+        cohort_size=options.cohort_size, progress=options.progress, on_epoch_end=options.on_epoch_end,
+        on_finished=finished, time_left=options.time_left,
+        say=lambda text: say(options, f"[bold]study {study['kind']}:[/bold] {text}"),
+    )
 
 
 def refuse_torchrun() -> None:
