@@ -9,6 +9,7 @@ in another order).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,7 +49,9 @@ def _weights(folder):
     return load_model(folder / "model.safetensors")[0].state_dict()
 
 
-def assert_same_run(cohort_dir, single_dir):
+def assert_same_run(cohort_dir, single_dir, points=0.0):
+    """Weights within rounding (after several epochs), metrics equal; accuracies within ``points`` percentage
+    points (a model near chance has near-tied logits, where a rounding difference flips an argmax)."""
     a, b = _weights(cohort_dir), _weights(single_dir)
     assert a.keys() == b.keys()
     for key in a:
@@ -59,11 +62,13 @@ def assert_same_run(cohort_dir, single_dir):
     assert [m["epoch"] for m in ma] == [m["epoch"] for m in mb]
     for x, y in zip(ma, mb):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4, abs=1e-5)
-        assert x["train_accuracy"] == pytest.approx(y["train_accuracy"], abs=1e-6)
-        assert x["val_accuracy"] == pytest.approx(y["val_accuracy"], abs=1e-6)
+        assert x["train_accuracy"] == pytest.approx(y["train_accuracy"], abs=points + 1e-6)
+        assert x["val_accuracy"] == pytest.approx(y["val_accuracy"], abs=points + 1e-6)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (cohort_dir, single_dir))
-    assert sa["test_accuracy"] == sb["test_accuracy"] and sa["val_accuracy"] == sb["val_accuracy"]
-    assert sa["test_per_class"] == sb["test_per_class"]
+    assert sa["test_accuracy"] == pytest.approx(sb["test_accuracy"], abs=points + 1e-6)
+    assert sa["val_accuracy"] == pytest.approx(sb["val_accuracy"], abs=points + 1e-6)
+    if not points:
+        assert sa["test_per_class"] == sb["test_per_class"]
     assert {k: v for k, v in sa["config"].items()} == sb["config"]
 
 
@@ -139,3 +144,34 @@ def test_cohort_refuses_members_that_cannot_share_a_network(tiny_dataset, tmp_pa
 
 def _interrupt(epoch, _record):
     raise KeyboardInterrupt
+
+
+def test_ablation_of_all_eight_methods_as_one_cohort_matches_run_by_run(tmp_path):
+    """Issue 12's acceptance on digits: ``igkd ablation`` with a cohort of the 8 methods gives each method
+    the results of the run-by-run ablation of the same seed (a subset of digits, to keep CI short)."""
+    from igkd.attribution import compute_attributions
+    from igkd.data import load_dataset
+    from igkd.experiments.reproduce import first_per_class
+    from igkd.experiments.studies import StudyOptions, run_ablation
+    from igkd.models import save_model
+    from igkd.provenance import sha256_file
+
+    data = first_per_class(load_dataset("digits"), 16, 8)
+    torch.manual_seed(0)
+    teacher = build_model("teacher", width=0.25, num_classes=10).eval()
+    save_model(tmp_path / "teacher.safetensors", teacher)
+    compute_attributions(teacher, data, tmp_path / "ig", n_steps=4, device="cpu", teacher_sha256=sha256_file(tmp_path / "teacher.safetensors"), progress=False)
+    results = {}
+    for size in (8, 1):
+        options = StudyOptions(
+            teacher=tmp_path / "teacher.safetensors", attributions=tmp_path / "ig", recipe="improved", epochs=2, batch_size=32, lr=0.01,
+            val_fraction=0.25, device="cpu", progress=False, cohort_size=size, config_values={"width": 0.5},
+        )
+        study = run_ablation(data, tmp_path / f"cohort-{size}", methods="all", seeds=1, student="k13", options=options)
+        results[size] = {run["method"]: run for run in study["runs"]}
+        assert all(run["status"] == "finished" for run in study["runs"])
+    assert [r["summary"]["cohort_size"] for r in results[8].values()] == [8] * 8
+    for method, run in results[1].items():
+        assert run["summary"]["cohort_size"] == 1
+        # 40 validation and 80 test images: one image is 2.5 / 1.25 points; these 2-epoch models are near chance
+        assert_same_run(Path(results[8][method]["dir"]), Path(run["dir"]), points=2.5)
