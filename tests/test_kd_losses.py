@@ -188,3 +188,72 @@ def test_mixed_cross_entropy_and_kd_members_unchanged():
 
     for g, (a, T) in enumerate([(0.01, 2.5), (0.5, 4.0), (0.0, 1.0)]):
         assert kd_members(s[g : g + 1], t[g : g + 1], y[g : g + 1], a, T).item() == pytest.approx(kd_loss(s[g], t[g], y[g], a, T).item(), rel=1e-6)
+
+
+# -- the cohort objective: one call, per-member method selection ------------------------------------
+
+from igkd.distill.config import resolve_config  # noqa: E402
+from igkd.distill.objective import Objective  # noqa: E402
+
+
+def single_run_loss(config, s, t, y, epoch):
+    """One member's loss written out from its config, with the literal per-sample equations."""
+    ce = sum(-torch.log(softmax(r, 1.0)[c]) for r, c in zip(rows(s), y.tolist())) / len(y)
+    srows, trows = rows(s), rows(t)
+    if config.logit_std:
+        srows, trows = [zscore(r) for r in srows], [zscore(r) for r in trows]
+    if config.logit_loss == "kd":
+        T = config.logit_std_temperature if config.logit_std else config.temperature
+        soft = sum(T * T * kl(softmax(tr, T), softmax(sr, T)) for sr, tr in zip(srows, trows)) / len(y)
+        return (1 - config.alpha) * ce + config.alpha * soft
+    if config.logit_loss == "dkd":
+        T = config.logit_std_temperature if config.logit_std else config.dkd_temperature
+        w = min(epoch / config.dkd_warmup, 1.0)
+        return ce + w * dkd_literal(srows, trows, y.tolist(), config.dkd_alpha, config.dkd_beta, T)
+    T = config.logit_std_temperature if config.logit_std else config.dist_temperature
+    return ce + dist_literal(srows, trows, config.dist_beta, config.dist_gamma, T)
+
+
+COHORT = [
+    ("student", {}),
+    ("kd", {}),
+    ("dkd", {}),
+    ("dist_ig", {"logit_std": True}),
+    ("kd", {"logit_std": True, "alpha": 0.9}),
+    ("dkd", {"dkd_beta": 2.0, "dkd_warmup": 2, "logit_std": True}),
+    ("dist", {"dist_beta": 1.0, "dist_gamma": 0.5, "dist_temperature": 1.0}),
+]
+
+
+@pytest.mark.parametrize("picks", [[2], [3], [1, 2, 3], list(range(len(COHORT)))])
+def test_objective_selects_each_members_method(picks):
+    configs = [resolve_config(COHORT[i][0], **COHORT[i][1]) for i in picks]
+    G = len(configs)
+    s, t, y = members(G, seed=11)
+    objective = Objective.from_configs(configs, "cpu")
+    assert objective.uses_dkd == any(c.logit_loss == "dkd" for c in configs)
+    epoch = 3
+    batched = objective.logit_losses(s, t, y, epoch=epoch)
+    literal = [single_run_loss(c, s[g], t[g], y[g], epoch) for g, c in enumerate(configs)]
+    check(batched, literal, s, t)
+
+
+def test_objective_member_losses_are_independent_and_need_epoch_for_dkd():
+    configs = [resolve_config(m) for m in ("kd", "dkd", "dist")]
+    s, t, y = members(3, seed=12)
+    objective = Objective.from_configs(configs, "cpu")
+    loss = objective.logit_losses(s, t, y, epoch=1)
+    (grad,) = torch.autograd.grad(loss[1], s)
+    assert grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0 and grad[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="epoch"):
+        objective.logit_losses(s, t, y)
+    # warm-up: DKD's term at epoch 1 of 20 is 1/20 of the full one
+    ce = cross_entropy_members(s, y)
+    early = objective.logit_losses(s, t, y, epoch=1) - ce
+    full = objective.logit_losses(s, t, y, epoch=20) - ce
+    assert early[1].item() == pytest.approx(full[1].item() / 20, rel=1e-5)
+    assert early[0] == full[0] and early[2] == full[2]
+    # no teacher: the CE alone; mixed labels: lam-weighted CE
+    assert torch.equal(objective.logit_losses(s, None, y), ce)
+    yb, lam = torch.roll(y, 1, 1), torch.tensor([0.25, 1.0, 0.5])
+    assert torch.allclose(objective.logit_losses(s, None, y, labels_b=yb, lam=lam), mixed_cross_entropy_members(s, y, yb, lam))
