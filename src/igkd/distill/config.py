@@ -61,6 +61,9 @@ METHODS: dict[str, dict] = {
     "kd_mixup": {"alpha": 0.01, "p": 0.0, "gamma": 0.0, "mix": "mixup", "mix_alpha": 1.0, "mix_prob": 1.0},
 }
 
+#: The paper's eight methods (its Table 3 ablation), the first eight of METHODS.
+PAPER_METHODS: tuple[str, ...] = ("student", "kd", "ig", "kd_ig", "at", "kd_at", "ig_at", "kd_ig_at")
+
 LOGIT_LOSSES = ("kd", "dkd", "dist")
 OVERLAY_MAPS = ("ig", "shuffled", "saliency", "random")
 MIXES = ("none", "cutmix", "mixup")
