@@ -49,19 +49,19 @@ def _weights(folder):
     return load_model(folder / "model.safetensors")[0].state_dict()
 
 
-def assert_same_run(cohort_dir, single_dir, points=0.0):
+def assert_same_run(cohort_dir, single_dir, points=0.0, atol=1e-4, rel=1e-4):
     """Weights within rounding (after several epochs), metrics equal; accuracies within ``points`` percentage
     points (a model near chance has near-tied logits, where a rounding difference flips an argmax)."""
     a, b = _weights(cohort_dir), _weights(single_dir)
     assert a.keys() == b.keys()
     for key in a:
         # running statistics are averages over many activations: rounding shows more there
-        atol = 1e-3 if "running" in key else 1e-4
-        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-3, atol=atol), (key, (a[key].float() - b[key].float()).abs().max())
+        tol, rtol = (max(atol, 1e-3), max(1e-3, 2 * atol)) if "running" in key else (atol, 1e-3)
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=rtol, atol=tol), (key, (a[key].float() - b[key].float()).abs().max())
     ma, mb = _metrics(cohort_dir), _metrics(single_dir)
     assert [m["epoch"] for m in ma] == [m["epoch"] for m in mb]
     for x, y in zip(ma, mb):
-        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4, abs=1e-5)
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=rel, abs=1e-5)
         assert x["train_accuracy"] == pytest.approx(y["train_accuracy"], abs=points + 1e-6)
         assert x["val_accuracy"] == pytest.approx(y["val_accuracy"], abs=points + 1e-6)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (cohort_dir, single_dir))
@@ -167,7 +167,7 @@ def test_ablation_of_all_eight_methods_as_one_cohort_matches_run_by_run(tmp_path
             teacher=tmp_path / "teacher.safetensors", attributions=tmp_path / "ig", recipe="improved", epochs=2, batch_size=32, lr=0.01,
             val_fraction=0.25, device="cpu", progress=False, cohort_size=size, config_values={"width": 0.5},
         )
-        study = run_ablation(data, tmp_path / f"cohort-{size}", methods="all", seeds=1, student="k13", options=options)
+        study = run_ablation(data, tmp_path / f"cohort-{size}", methods="paper", seeds=1, student="k13", options=options)
         results[size] = {run["method"]: run for run in study["runs"]}
         assert all(run["status"] == "finished" for run in study["runs"])
     assert [r["summary"]["cohort_size"] for r in results[8].values()] == [8] * 8
@@ -175,3 +175,29 @@ def test_ablation_of_all_eight_methods_as_one_cohort_matches_run_by_run(tmp_path
         assert run["summary"]["cohort_size"] == 1
         # 40 validation and 80 test images: one image is 2.5 / 1.25 points; these 2-epoch models are near chance
         assert_same_run(Path(results[8][method]["dir"]), Path(run["dir"]), points=2.5)
+
+
+def test_cohort_of_modern_losses_and_overlay_controls_equals_single_runs(tiny_dataset, tmp_path):
+    """Issue 15's methods in one cohort: per-member loss terms (DKD, DIST, logit standardisation), map
+    controls (shuffled, random) and mixing (CutMix, Mixup, the teacher seeing the mixed batch)."""
+    # lr 0.002: DIST's loss (tau^2 = 16 times a correlation gap) makes training at 0.01 chaotic enough that a
+    # single DIST run with 2 threads differs from itself with 1 thread by 0.14 in its weights after 3 epochs.
+    slow = {"lr": 0.002}
+    configs = [
+        _config("dkd_ig", 0, p=0.5, **slow), _config("dist", 1, **slow), _config("kd_shuffled", 0, p=0.5, **slow),
+        _config("kd_random_map", 2, p=0.5, **slow), _config("kd_cutmix", 1, mix_prob=1.0, **slow), _config("kd_mixup", 2, **slow),
+        _config("kd", 0, logit_std=True, **slow), _config("kd_ig", 0, p=0.5, **slow),
+    ]
+    names = [f"{c.method}-{g}" for g, c in enumerate(configs)]
+    from igkd.distill import Trainer
+
+    trainer = Trainer(configs, tiny_dataset, [tmp_path / "cohort" / n for n in names], **_inputs(tiny_dataset))
+    assert trainer.mixing and trainer.member_source == [0, None, 1, 2, None, None, None, 0]  # ig (shared), shuffled, random
+    trainer.run()
+    for config, name in zip(configs, names):
+        train(config, tiny_dataset, tmp_path / "single" / name, **_inputs(tiny_dataset))
+        # DIST at initialisation correlates near-uniform probability vectors (centred norms ~1e-3): its
+        # gradients amplify rounding; a single DIST run with 2 threads differs from itself with 1 thread
+        # by 1e-2 in its weights after these 3 epochs, so that is its tolerance here.
+        loose = {"atol": 1e-2, "rel": 1e-2} if config.logit_loss == "dist" else {}
+        assert_same_run(tmp_path / "cohort" / name, tmp_path / "single" / name, **loose)

@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("distill")
     def distill(
-        method: str = typer.Option(..., help="student, kd, ig, kd_ig, at, kd_at, ig_at, kd_ig_at."),
+        method: str = typer.Option(..., help="student, kd, ig, kd_ig, at, kd_at, ig_at, kd_ig_at; dkd, dkd_ig, dist, dist_ig; controls kd_shuffled, kd_saliency, kd_random_map, kd_cutmix, kd_mixup."),
         dataset: str = typer.Option(..., help=DATASET_HELP),
         out: Path = typer.Option(..., help="Run folder (created)."),
         teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder (needed by kd/ig/at)."),
@@ -82,6 +82,10 @@ def register(app: typer.Typer) -> None:
         gamma: Optional[float] = typer.Option(None, help="Attention-transfer weight."),
         at_teacher_layer: Optional[str] = typer.Option(None, help="Teacher module for attention (default features.<len(teacher.features)//2>: features.9)."),
         at_student_layer: Optional[str] = typer.Option(None, help="Student module for attention (default: the teacher's index, features.9; a student without it uses its last module)."),
+        logit_loss: Optional[str] = typer.Option(None, help="Logit-distillation term: kd, dkd or dist (other constants: YAML keys dkd_*, dist_*)."),
+        logit_std: Optional[bool] = typer.Option(None, "--logit-std/--no-logit-std", help="Logit standardisation (Sun et al. 2024) on the KD/DKD/DIST term."),
+        overlay_maps: Optional[str] = typer.Option(None, help="Overlay maps: ig, shuffled, saliency (a saliency cache as --attributions) or random."),
+        mix: Optional[str] = typer.Option(None, help="Batch mixing: none, cutmix or mixup (mix_alpha, mix_prob: YAML)."),
         width: Optional[float] = typer.Option(None, help="Student width multiplier."),
         val_fraction: Optional[float] = typer.Option(None),
         device: str = typer.Option("auto"),
@@ -89,7 +93,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume"),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
-        """Train a student with one of the eight methods (a preset of alpha, T, p, gamma)."""
+        """Train a student with one of the methods (a preset of loss terms and augmentations, docs/training.md)."""
         from igkd.data import load_dataset
         from igkd.distill.config import load_yaml, resolve_config
         from igkd.distill.run import run_training
@@ -103,7 +107,7 @@ def register(app: typer.Typer) -> None:
             method, recipe, load_yaml(config) if config else None,
             student=student, seed=seed, subset=subset, subset_seed=subset_seed, epochs=epochs, batch_size=batch_size,
             lr=lr, alpha=alpha, temperature=temperature, p=p, gamma=gamma, at_teacher_layer=at_teacher_layer,
-            at_student_layer=at_student_layer, width=width, val_fraction=val_fraction, device=device, compile=compile or None,
+            at_student_layer=at_student_layer, logit_loss=logit_loss, logit_std=logit_std, overlay_maps=overlay_maps, mix=mix, width=width, val_fraction=val_fraction, device=device, compile=compile or None,
         )
         data = load_dataset(dataset, data_dir)
         summary = run_training(cfg, data, out, teacher_path=teacher, attributions_dir=attributions, resume=resume, progress=not as_json)

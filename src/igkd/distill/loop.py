@@ -35,6 +35,7 @@ from igkd.data.loader import DeviceLoader
 from igkd.data.splits import stratified_subset, train_val_split
 from igkd.devices import autocast, frozen_copy, prepare_model, resolve_device
 from igkd.distill.config import TrainConfig
+from igkd.distill.controls import apply_mix, mix_draws, overlay_maps_for
 from igkd.distill.distributed import DistContext
 from igkd.distill.losses import FeatureTap, attention_layers
 from igkd.distill.objective import Objective
@@ -336,8 +337,8 @@ class Trainer:
             raise IgkdError("cohort members must train and validate on splits of equal size: train them in separate cohorts")
         self.train_idx, self.val_idx, self.split_rule = self.members[0].train_idx, self.members[0].val_idx, self.members[0].split_rule
         self.generator = self.members[0].generator
+        extras = self._overlay_sources(ig_maps)
         self._plan_views()
-        extras = {"ig": ig_maps} if any(c.p > 0 for c in configs) else None
         self.loader = DeviceLoader(
             dataset.train.images.to(self.device),
             labels,
@@ -383,11 +384,30 @@ class Trainer:
         self.optimizer = _optimizer(self.config, self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.config, len(self.loader)))
         self.start_epoch, self.teacher_test = 1, None
+        self._epoch, self._mix = 1, None  # the epoch being trained (DKD's warm-up) and its mixing draws
         self._val: torch.Tensor | None = None
         self._calibration: torch.Tensor | None = None
         self.wall_before = 0.0
 
     # -- set-up -------------------------------------------------------------------------------
+    def _overlay_sources(self, ig_maps: torch.Tensor | None) -> dict | None:
+        """The distinct map tensors the members overlay (the IG cache, or a control built from it, see
+        :func:`igkd.distill.controls.overlay_maps_for`), stacked as the loader's extra ``[N, sources, H, W]``
+        so that one crop/flip serves them all; each overlaying member's source index in ``member_source``."""
+        sources: dict[tuple, torch.Tensor] = {}
+        self.member_source = []
+        for m in self.members:
+            c = m.config
+            if c.p <= 0:
+                self.member_source.append(None)
+                continue
+            seeded = c.overlay_maps in ("shuffled", "random")
+            key = (c.overlay_maps, c.seed if seeded else None, c.random_map_sigma if c.overlay_maps == "random" else None)
+            if key not in sources:
+                sources[key] = overlay_maps_for(c, ig_maps)
+            self.member_source.append(list(sources).index(key))
+        return {"ig": torch.stack(list(sources.values()), 1)} if sources else None
+
     def _plan_views(self) -> None:
         """Streams (distinct seed + training subset), views (a stream with or without one overlay draw)
         and the views the teacher must see; each member's index into them, as device tensors."""
@@ -398,7 +418,8 @@ class Trainer:
             stream_keys.append(stream_keys[same[0]] if same else len(stream_keys))
         self.member_stream, self.stream_first = _distinct(stream_keys)
         view_keys = [
-            (s, (c.p, c.ig_scale_low, c.ig_scale_high) if c.p > 0 else None) for s, c in zip(self.member_stream, (m.config for m in members))
+            (s, (c.p, c.ig_scale_low, c.ig_scale_high, source) if c.p > 0 else None)
+            for s, c, source in zip(self.member_stream, (m.config for m in members), self.member_source)
         ]
         self.member_view, view_first = _distinct(view_keys)
         self.view_stream = [self.member_stream[g] for g in view_first]
@@ -407,6 +428,11 @@ class Trainer:
         teacher_views = sorted({self.member_view[g] for g, m in enumerate(members) if m.config.uses_teacher})
         self.teacher_views = teacher_views
         self.member_teacher_view = [teacher_views.index(v) if v in teacher_views else 0 for v in self.member_view]
+        # Mixing (CutMix/Mixup) makes each member's batch its own: the teacher then sees the members' mixed batches.
+        self.mixing = any(m.config.mix != "none" for m in members)
+        teacher_members = [g for g, m in enumerate(members) if m.config.uses_teacher]
+        self.teacher_members = teacher_members
+        rows = [teacher_members.index(g) if g in teacher_members else 0 for g in range(self.G)] if self.mixing else self.member_teacher_view
         as_index = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         self._idx = {
             "view_stream": as_index(self.view_stream),
@@ -414,10 +440,13 @@ class Trainer:
             "member_stream": as_index(self.member_stream),
             "overlay": as_index(self.overlay_views),
             "overlay_stream": as_index([self.view_stream[v] for v in self.overlay_views]),
+            "overlay_source": as_index([self.member_source[g] for g in self.overlay_first]),
             "teacher_views": as_index(teacher_views),
-            "member_teacher_view": as_index(self.member_teacher_view),
+            "teacher_members": as_index(teacher_members),
+            "teacher_rows": as_index(rows),
         }
         identity = lambda values: values == list(range(len(values)))  # noqa: E731
+        self._teacher_rows_identity = identity(rows)
         self._views_are_streams = identity(self.view_stream) and not self.overlay_views
         self._members_are_views = identity(self.member_view)
         self._members_are_streams = identity(self.member_stream)
@@ -442,7 +471,8 @@ class Trainer:
         if self.resume and config_path.exists():
             saved = json.loads(config_path.read_text())
             current = json.loads(json.dumps(config.to_dict()))
-            changed = sorted(k for k in current if saved.get(k) != current[k] and k not in ("device", "compile"))
+            defaults = TrainConfig().to_dict()  # a key added since the run was saved has its default there
+            changed = sorted(k for k in current if saved.get(k, defaults.get(k)) != current[k] and k not in ("device", "compile"))
             if changed:
                 raise IgkdError(
                     f"cannot resume {out}: its saved config differs in {', '.join(changed)} "
@@ -545,7 +575,8 @@ class Trainer:
         if self.overlay_views:
             B = images.shape[1]
             apply, exponent = (d[:, offset : offset + B] for d in self._draws)
-            maps = batch.extras["ig"].unflatten(0, (S, -1)).index_select(0, self._idx["overlay_stream"])
+            rows = torch.arange(B, device=images.device)[None, :]
+            maps = batch.extras["ig"].unflatten(0, (S, -1))[self._idx["overlay_stream"][:, None], rows, self._idx["overlay_source"][:, None]]
             laid = apply_overlay(views.index_select(0, self._idx["overlay"]).flatten(0, 1), maps.flatten(0, 1), apply.flatten(), exponent.flatten())
             views = views.index_copy(0, self._idx["overlay"], laid.unflatten(0, (len(self.overlay_views), B)))
         return views, labels
@@ -555,15 +586,21 @@ class Trainer:
         views, labels = self._views(batch, offset)
         x = views if self._members_are_views else views.index_select(0, self._idx["member_view"])
         y = labels if self._members_are_streams else labels.index_select(0, self._idx["member_stream"])
+        mixed = {}
+        if self.mixing:
+            x, (y, labels_b, lam) = apply_mix(x, y, self._mix, offset // self.loader.batch_size)
+            mixed = {"labels_b": labels_b, "lam": lam}
+            seen = x if len(self.teacher_members) == self.G else x.index_select(0, self._idx["teacher_members"])
+        elif self.teacher is not None:
+            seen = views.index_select(0, self._idx["teacher_views"]) if len(self.teacher_views) < len(views) else views
         with autocast(self.device, self.config.amp):
             logits = self._forward(x)
             teacher_logits = None
             if self.teacher is not None:
-                seen = views.index_select(0, self._idx["teacher_views"]) if len(self.teacher_views) < len(views) else views
                 with torch.inference_mode():
                     out = self.teacher(seen.flatten(0, 1).contiguous(memory_format=torch.channels_last))  # the views the students saw
                 teacher_logits = self._per_member(out.clone(), seen.shape[1])  # an ordinary tensor: the loss may keep it for backward
-        losses = self.objective.logit_losses(logits, teacher_logits, y)
+        losses = self.objective.logit_losses(logits, teacher_logits, y, epoch=self._epoch, **mixed)
         if self.taps is not None:
             teacher_features = self._per_member(self.taps[1].take().clone(), x.shape[1])
             losses = losses + self.objective.attention_losses(self._student_features(), teacher_features)
@@ -576,7 +613,7 @@ class Trainer:
     def _per_member(self, teacher_out: torch.Tensor, B: int) -> torch.Tensor:
         """Teacher outputs on the teacher views ``[V_t * B, ...]`` -> each member's ``[G, B, ...]``."""
         out = teacher_out.unflatten(0, (-1, B))
-        return out if self.member_teacher_view == list(range(self.G)) else out.index_select(0, self._idx["member_teacher_view"])
+        return out if self._teacher_rows_identity else out.index_select(0, self._idx["teacher_rows"])
 
     def _member_batches(self, images: torch.Tensor, index: torch.Tensor, batch_size: int):
         """Device batches ``[G, b, 3, H, W]`` in [0, 1] of uint8 ``images`` at ``index`` ``[G, N]`` (a shared row is moved once)."""
@@ -645,6 +682,9 @@ class Trainer:
         for epoch in range(self.start_epoch, config.epochs + 1):
             self.loader.set_epoch(epoch)
             self._draw_overlays()
+            self._epoch = epoch
+            if self.mixing:  # this epoch's CutMix/Mixup draws of every member, on the device once
+                self._mix = mix_draws(self.configs, epoch, len(self.loader), self.loader.batch_size).to(self.device)
             self.model.train()
             tick = time.perf_counter()
             loss_sum = torch.zeros(self.G, device=self.device)

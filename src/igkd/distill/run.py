@@ -95,6 +95,16 @@ def load_inputs(configs, dataset, *, teacher_path: str | Path | None = None, att
         if teacher_info is None:
             raise IgkdError("IG maps are checked against their teacher: pass --teacher CKPT with --attributions")
         maps, attribution_info = load_ig_maps(attributions_dir, teacher_info["sha256"], dataset)
+        from igkd.distill.controls import expected_attribution_method
+
+        for config in overlaid:
+            wanted = expected_attribution_method(config.overlay_maps)
+            if attribution_info["method"] != wanted:
+                raise IgkdError(
+                    f"method {config.method!r} overlays {wanted!r} maps (overlay_maps {config.overlay_maps!r}) but {attributions_dir} holds "
+                    f"{attribution_info['method']!r} maps: give a cache built with 'igkd attributions compute --method {wanted}' "
+                    "(a study has one cache: train such methods in a study of their own)"
+                )
     return {"teacher": teacher, "teacher_info": teacher_info, "ig_maps": maps, "attribution_info": attribution_info}
 
 

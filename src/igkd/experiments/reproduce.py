@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from igkd.atomic import atomic_open, atomic_write_json, atomic_write_text, read_json_object
+from igkd.distill.config import PAPER_METHODS
 from igkd.errors import IgkdError
 
 STAGES = ("teacher", "ig", "ablation", "montecarlo", "sweep", "report")
@@ -72,7 +73,7 @@ class Settings:
             student="k5",
             student_overrides={},
             ablation_seeds=5,
-            mc_methods="all",
+            mc_methods=",".join(PAPER_METHODS),
             mc_runs=10,
             mc_subset=0.8,
             sweep_students="all",
@@ -220,7 +221,7 @@ class Reproduction:
     def ablation(self) -> dict:
         from igkd.experiments.studies import run_ablation
 
-        study = run_ablation(self.data, self.out / "ablation", methods="all", seeds=self.settings.ablation_seeds,
+        study = run_ablation(self.data, self.out / "ablation", methods=",".join(PAPER_METHODS), seeds=self.settings.ablation_seeds,
                              student=self.settings.student, options=self._options("ablation"))
         return _finished(study)
 

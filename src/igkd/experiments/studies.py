@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from igkd.atomic import atomic_write_json, atomic_write_text, read_json_object, remove_stale_temporaries
-from igkd.distill import METHODS, executor, resolve_config, run_training  # noqa: F401 - tune trains its trials one by one with run_training
+from igkd.distill import METHODS, PAPER_METHODS, executor, resolve_config, run_training  # noqa: F401 - tune trains its trials one by one with run_training
 from igkd.distill.executor import Run
 from igkd.errors import IgkdError
 from igkd.experiments.agreement import AGREEMENT_FILE, measure_agreement
@@ -112,14 +112,17 @@ class StudyOptions:
 
 
 def parse_methods(text: str | list[str]) -> list[str]:
-    """``all`` or a comma-separated list of method names (order kept, repeats dropped)."""
+    """``paper`` (the paper's eight methods), ``all`` (every method) or a comma-separated list of method
+    names (order kept, repeats dropped)."""
     items = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    if items == ["paper"]:
+        return list(PAPER_METHODS)
     if items == ["all"]:
         return list(METHODS)
     unknown = [m for m in items if m not in METHODS]
     if unknown or not items:
         problem = f"unknown method {unknown[0]!r}" if unknown else "no methods given"
-        raise IgkdError(f"{problem}: use all or a comma-separated list of {', '.join(METHODS)}")
+        raise IgkdError(f"{problem}: use paper, all or a comma-separated list of {', '.join(METHODS)}")
     return list(dict.fromkeys(items))
 
 
@@ -537,7 +540,7 @@ def study_options(options: StudyOptions | None, kwargs: dict) -> StudyOptions:
     return options or StudyOptions(**kwargs)
 
 
-def run_ablation(dataset, out, *, methods="all", seeds: int = 5, student: str = "k5", options: StudyOptions | None = None, **kwargs) -> dict:
+def run_ablation(dataset, out, *, methods="paper", seeds: int = 5, student: str = "k5", options: StudyOptions | None = None, **kwargs) -> dict:
     """Every method with seeds 0..seeds-1 on the full training split (paired by seed); returns :func:`load_study`."""
     return _run_study(
         "ablation", dataset, out, methods=parse_methods(methods), students=one_student(student),
@@ -546,7 +549,7 @@ def run_ablation(dataset, out, *, methods="all", seeds: int = 5, student: str = 
 
 
 def run_montecarlo(
-    dataset, out, *, methods="all", runs: int = 10, subset: float = 0.8, independent: bool = False, student: str = "k5",
+    dataset, out, *, methods="paper", runs: int = 10, subset: float = 0.8, independent: bool = False, student: str = "k5",
     options: StudyOptions | None = None, **kwargs,
 ) -> dict:
     """Every method on ``runs`` stratified ``subset`` draws; run r of each method shares seed and subset unless ``independent``."""

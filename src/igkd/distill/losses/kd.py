@@ -50,15 +50,26 @@ def cross_entropy_members(logits: torch.Tensor, labels: torch.Tensor, label_smoo
     return ((1 - ls) * nll + ls * -logp.mean(-1)).mean(1)
 
 
+def mixed_cross_entropy_members(logits: torch.Tensor, labels_a: torch.Tensor, labels_b: torch.Tensor, lam, label_smoothing=0.0) -> torch.Tensor:
+    """``[G]``: lam * CE(y_a) + (1 - lam) * CE(y_b) of each member (CutMix / Mixup), lam a float or ``[G]``."""
+    lam = _column(lam, logits).view(-1)
+    return lam * cross_entropy_members(logits, labels_a, label_smoothing) + (1 - lam) * cross_entropy_members(logits, labels_b, label_smoothing)
+
+
+def soft_target_members(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature) -> torch.Tensor:
+    """``[G]``: T^2 * KL(softmax(t / T) || softmax(s / T)), summed over classes, averaged over each member's batch."""
+    t = _column(temperature, student_logits).unsqueeze(-1)  # [G, 1, 1]
+    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean(1)
+    return t.flatten() ** 2 * kl
+
+
 def kd_members(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha, temperature, label_smoothing=0.0) -> torch.Tensor:
     """:func:`kd_loss` of each member, ``[G]``, with per-member alpha, T and label smoothing (floats or ``[G]``).
 
     KL is summed over classes and averaged over the member's batch (``batchmean``), as in :func:`kd_loss`.
     """
     ce = cross_entropy_members(student_logits, labels, label_smoothing)
-    t = _column(temperature, student_logits).unsqueeze(-1)  # [G, 1, 1]
-    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean(1)
-    a, t = _column(alpha, student_logits).squeeze(1), t.flatten()
-    return (1 - a) * ce + a * t * t * kl
+    a = _column(alpha, student_logits).view(-1)
+    return (1 - a) * ce + a * soft_target_members(student_logits, teacher_logits, temperature)
