@@ -175,3 +175,23 @@ def test_failed_trial_is_kept_not_retried_and_best_is_chosen_on_validation(tiny_
     failed = next(t for t in result["trials"] if t["state"] == "FAIL")
     assert "NaN" in failed["error"] and failed["params"] == {"temperature": 2.0, "alpha": 0.5}
     assert result["best"]["params"] == {"temperature": 2.0, "alpha": 0.1} and result["best"]["val_accuracy"] == 20.1
+
+
+def test_grid_in_cohorts_trains_every_point_once_as_run_by_run(tiny_dataset, setup):
+    """--cohort-size 2 on the 4-point grid: two cohorts of two trials, the same points and (up to rounding)
+    the same validation accuracies as the grid trained one trial at a time."""
+    kwargs = dict(method="kd", grid_file=setup / "grid.yaml", student="k17", teacher=setup / "teacher.safetensors", **FAST)
+    by_one = run_tune(tiny_dataset, setup / "one", **kwargs)
+    in_cohorts = run_tune(tiny_dataset, setup / "two", cohort_size=2, **kwargs)
+    for study in (by_one, in_cohorts):
+        assert study["tune_result"]["complete"] and study["tune_result"]["counts"] == {"COMPLETE": 4}
+    sizes = [json.loads(p.read_text())["cohort_size"] for p in sorted((setup / "two" / "runs").glob("trial-*/summary.json"))]
+    assert sizes == [2, 2, 2, 2]
+    assert sorted(_trained(setup / "one")) == sorted(_trained(setup / "two"))
+
+    def val(study):
+        return {tuple(t["params"].values()): t["val_accuracy"] for t in study["tune_result"]["trials"]}
+
+    assert val(by_one).keys() == val(in_cohorts).keys()
+    for point, accuracy in val(by_one).items():
+        assert val(in_cohorts)[point] == pytest.approx(accuracy, abs=1e-6)

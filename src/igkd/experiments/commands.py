@@ -306,13 +306,14 @@ def _register_studies(app: typer.Typer) -> None:
         device: str = typer.Option("auto"),
         agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images."),
         robustness: Optional[str] = typer.Option(None, help="Also evaluate each trial under corruptions."),
+        cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help=COHORT_HELP + " (grid sampler only)"),
         as_json: bool = typer.Option(False, "--json", help="Print tune.json only."),
     ) -> None:
         """Tune T, alpha, p, gamma on validation accuracy with Optuna; run it in several shells/machines to add workers."""
         from igkd.data import load_dataset
         from igkd.experiments.tune import run_tune
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json)
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
         study = run_tune(
             load_dataset(dataset, data_dir, progress=not as_json), out, method=method, params=params, sampler=sampler, trials=trials,
             grid_file=grid_file, storage=storage, study_name=study_name, seed=seed, sampler_seed=sampler_seed, student=student, options=options,

@@ -198,7 +198,7 @@ class _Worker:
         self.study, self.space, self.names, self.out = study, space, names, out
         self.dataset, self.method, self.student, self.seed, self.options = dataset, method, student, seed, options
         self.record, self.sampler_seed = record, sampler_seed
-        self.last_was_duplicate = False
+        self.last_was_duplicate, self.duplicates = False, 0
         self.cache: dict = {}  # the teacher's agreement maps, shared by this worker's trials
 
     # -- bookkeeping over all workers' trials ---------------------------------------------------
@@ -275,7 +275,8 @@ class _Worker:
                 values[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec["log"])
         return values
 
-    def objective(self, trial) -> float:
+    def prepare(self, trial):
+        """Suggest the trial's values; a duplicate of a live trial raises ``optuna.TrialPruned``. Returns (config, run folder)."""
         import optuna
 
         self.last_was_duplicate = False
@@ -295,10 +296,27 @@ class _Worker:
         trial.set_user_attr("run_dir", str(Path(RUNS_DIR) / run_dir.name))
         trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
         trial.set_user_attr("sampler_seed", self.sampler_seed)
-        teacher, attributions = self.record.get("teacher"), self.record.get("attributions")
         config = self.options.config(self.method, self.student, self.seed, **values)
         shown = ", ".join(f"{'T' if k == 'temperature' else k}={v:g}" for k, v in values.items())
         studies.say(self.options, f"[bold]tune: trial {trial.number}[/bold] {shown} -> {run_dir}")
+        return config, run_dir
+
+    def finish(self, trial, run_dir: Path, summary: dict) -> float:
+        teacher = self.record.get("teacher")
+        studies.add_extras(run_dir, self.dataset, teacher, self.options, self.cache)
+        trial.set_user_attr("val_accuracy", summary["val_accuracy"])
+        trial.set_user_attr("test_accuracy", summary["test_accuracy"])
+        trial.set_user_attr("wall_time_s", summary["wall_time_s"])
+        return float(summary["val_accuracy"])
+
+    def failed(self, trial, err: IgkdError) -> None:
+        """A trial that failed because of its values (e.g. the loss became NaN): recorded, not retried."""
+        trial.set_user_attr("error", str(err))
+        studies.say(self.options, f"[yellow]tune: trial {trial.number} failed: {err}[/yellow]")
+
+    def objective(self, trial) -> float:
+        config, run_dir = self.prepare(trial)
+        teacher, attributions = self.record.get("teacher"), self.record.get("attributions")
         try:
             summary = studies.run_training(
                 config,
@@ -310,14 +328,85 @@ class _Worker:
                 progress=self.options.progress,
             )
         except IgkdError as err:  # e.g. the loss became NaN: a result of these values, not retried
-            trial.set_user_attr("error", str(err))
-            studies.say(self.options, f"[yellow]tune: trial {trial.number} failed: {err}[/yellow]")
+            self.failed(trial, err)
             raise
-        studies.add_extras(run_dir, self.dataset, teacher, self.options, self.cache)
-        trial.set_user_attr("val_accuracy", summary["val_accuracy"])
-        trial.set_user_attr("test_accuracy", summary["test_accuracy"])
-        trial.set_user_attr("wall_time_s", summary["wall_time_s"])
-        return float(summary["val_accuracy"])
+        return self.finish(trial, run_dir, summary)
+
+    def cohort(self, size: int, target: int) -> None:
+        """Start up to ``size`` trials and train them as cohorts (grid sampler): ask, train together, tell.
+
+        A cohort that fails (a NaN loss in one member stops it) is trained again run by run, so only the
+        trial whose values fail is recorded as failed.
+        """
+        import optuna
+        from optuna.trial import TrialState
+
+        from igkd.distill.executor import Run, execute
+
+        batch = []
+        while len(batch) < size and self.work_left(target):
+            with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": _heartbeats below keeps it
+                warnings.simplefilter("ignore", UserWarning)
+                trial = self.study.ask()
+            try:
+                config, run_dir = self.prepare(trial)
+            except optuna.TrialPruned:
+                _tell(self.study, trial, state=TrialState.PRUNED)
+                self.duplicates += 1
+                if self.duplicates >= MAX_DUPLICATES_IN_A_ROW:
+                    break
+                continue
+            self.duplicates = 0
+            batch.append((trial, Run(config, run_dir, f"trial {trial.number}")))
+        if not batch:
+            return
+        teacher, attributions = self.record.get("teacher"), self.record.get("attributions")
+        inputs = {"teacher_path": teacher["path"] if teacher else None, "attributions_dir": attributions["path"] if attributions else None}
+        train = lambda runs, size: execute(runs, self.dataset, cohort_size=size, progress=self.options.progress, **inputs)  # noqa: E731
+        try:
+            with _heartbeats(self.study, [trial for trial, _ in batch]):  # as optimize() does: a killed worker's trials go stale
+                summaries = train([run for _, run in batch], size)
+        except IgkdError as err:
+            summaries = {}
+            if len(batch) == 1:
+                self.failed(batch[0][0], err)
+            else:
+                studies.say(self.options, f"[yellow]tune: a cohort stopped ({err}); its trials continue one by one[/yellow]")
+                for trial, run in batch:
+                    try:
+                        summaries.update(train([run], 1))
+                    except IgkdError as single_err:
+                        self.failed(trial, single_err)
+        for trial, run in batch:
+            summary = summaries.get(str(run.out))
+            if summary is None:
+                _tell(self.study, trial, state=TrialState.FAIL)
+            else:
+                _tell(self.study, trial, self.finish(trial, run.out, summary))
+
+
+def _heartbeats(study, trials):
+    """Optuna's heartbeat thread for each trial while it trains outside ``study.optimize`` (ask/tell)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    try:
+        from optuna.storages._heartbeat import get_heartbeat_thread
+    except ImportError:  # another Optuna: no heartbeat (a killed worker's trials stay RUNNING)
+        return stack
+    for trial in trials:
+        stack.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+    return stack
+
+
+def _tell(study, trial, value=None, state=None) -> None:
+    """``study.tell``; the grid sampler's ``study.stop()`` on its last point is meant for ``optimize`` and raises
+    outside it, after the trial's result is stored: our loop checks the work left itself."""
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
 
 
 def _trial_record(t) -> dict:
@@ -439,6 +528,13 @@ def run_tune(
         "dataset": dataset.fingerprint, "teacher": (teacher or {}).get("sha256"), "config": new["configs"][method]
     })
     worker = _Worker(study, space, names, out, dataset, method, student, seed, options, record, sampler_seed)
+    # Cohorts for the grid (its points are known up front); TPE proposes each trial from the results before it.
+    cohort_size = 1
+    if sampler == "grid":
+        from igkd.devices import resolve_device
+        from igkd.distill.executor import default_cohort_size
+
+        cohort_size = options.cohort_size or default_cohort_size(resolve_device(options.device))
     duplicates_in_a_row = 0
     try:
         while True:
@@ -448,8 +544,12 @@ def run_tune(
             worker.requeue_interrupted()
             if not worker.work_left(target):
                 break
-            study.optimize(worker.objective, n_trials=1, catch=(IgkdError,))
-            duplicates_in_a_row = duplicates_in_a_row + 1 if worker.last_was_duplicate else 0
+            if cohort_size > 1:
+                worker.cohort(cohort_size, target)
+                duplicates_in_a_row = worker.duplicates
+            else:
+                study.optimize(worker.objective, n_trials=1, catch=(IgkdError,))
+                duplicates_in_a_row = duplicates_in_a_row + 1 if worker.last_was_duplicate else 0
             if duplicates_in_a_row >= MAX_DUPLICATES_IN_A_ROW:
                 studies.say(options, f"[yellow]tune: the sampler proposed {MAX_DUPLICATES_IN_A_ROW} known points in a row; this worker stops[/yellow]")
                 break
