@@ -163,46 +163,87 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_command(
         checkpoint: Path = typer.Argument(..., help="Model file (igkd .safetensors, training checkpoint .pt, reference state dict)."),
-        fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Output file [default: next to CKPT, .onnx / .torchscript.pt]."),
+        fmt: str = typer.Option("onnx", "--format", help="onnx, torchscript, executorch (extra 'executorch') or litert (extra 'litert')."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Output file [default: next to CKPT, .onnx / .torchscript.pt / .pte / .tflite]."),
         opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
-        dataset: Optional[str] = typer.Option(None, "--dataset", help="Check parity on a batch of this dataset's test images (default: a deterministic random batch)."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Check parity on this dataset's test images and measure the file's test accuracy (default: a deterministic random batch)."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives / is cached."),
         tolerance: float = typer.Option(1e-4, "--tolerance", help="Max abs logit difference allowed vs eager (fp32)."),
+        int8: bool = typer.Option(False, "--int8", help="executorch / litert: int8 (PT2E), calibrated on --dataset training images; refused if test accuracy drops more than --max-drop."),
+        batch_size: int = typer.Option(1, "--batch-size", help="executorch / litert: the file's batch size (static in ExecuTorch; LiteRT can resize it)."),
+        calibration_size: int = typer.Option(512, "--calibration-size", help="int8: training images used to calibrate."),
+        max_drop: float = typer.Option(1.0, "--max-drop", help="int8: refuse to write if test accuracy drops more than this many points."),
+        force: bool = typer.Option(False, "--force", help="int8: write even if accuracy dropped more than --max-drop."),
+        seed: int = typer.Option(0, "--seed", help="int8: seed of the calibration subset."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     ) -> None:
-        """Export a model to ONNX (dynamic batch, metadata) or TorchScript; refuses to write on a parity failure."""
+        """Export a model to ONNX, TorchScript, ExecuTorch (XNNPACK) or LiteRT; refuses to write on a parity failure."""
         from igkd.data import load_dataset
-        from igkd.deploy.export import PARITY_BATCH, check_destination, check_format, check_opset, export_model
+        from igkd.deploy.accuracy import file_accuracy, guard_drop, load_file
+        from igkd.deploy.export import (
+            PARITY_BATCH, SIDECAR_FORMATS, SUFFIXES, check_destination, check_format, check_opset, export_bytes, write_export,
+        )
+        from igkd.deploy.quantize import calibration_indices
+        from igkd.evaluate import accuracy_report, predict_logits
         from igkd.models import load_model
 
         fmt = check_format(fmt)
         if fmt == "onnx":
             check_opset(opset)
-        out = check_destination(out or checkpoint.with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt"))
+        if int8 and fmt not in SIDECAR_FORMATS:
+            raise IgkdError(f"--int8 is for executorch and litert; for int8 {fmt} use 'igkd quantize'")
+        if int8 and dataset is None:
+            raise IgkdError("--int8 needs --dataset: its training images calibrate the int8 ranges and its test images guard the accuracy")
+        if batch_size < 1:
+            raise IgkdError(f"--batch-size must be >= 1 (got {batch_size})")
+        if int8:
+            calibration_indices(1, calibration_size, seed)  # refuses --calibration-size < 1 before any work
+        suffix = (".int8" if int8 else "") + SUFFIXES[fmt]
+        out = check_destination(out or checkpoint.with_name(checkpoint.stem + suffix))
         model, meta = load_model(checkpoint)
-        batch, batch_source, classes = None, None, _classes_from_meta(meta)
+        batch, batch_source, classes, data = None, None, _classes_from_meta(meta), None
         if dataset is not None:
             data = load_dataset(dataset, data_dir, progress=not as_json)
             if data.num_classes != model.num_classes:
                 raise IgkdError(f"{checkpoint} has {model.num_classes} outputs but dataset {dataset!r} has {data.num_classes} classes")
             batch, batch_source = data.test.images[:PARITY_BATCH], f"{data.name} test images 0-{PARITY_BATCH - 1}"
             classes = list(data.classes)
+        calibration = None
+        if int8:
+            calibration = data.train.images[calibration_indices(len(data.train), calibration_size, seed)]
         with _progress(False) as progress:
-            progress.add_task(f"exporting {checkpoint.name} to {fmt}")
-            report = export_model(
-                model, out, fmt, opset=opset, batch=batch, batch_source=batch_source, classes=classes,
-                metadata=_source_metadata(checkpoint, meta), tolerance=tolerance,
+            progress.add_task(f"exporting {checkpoint.name} to {fmt}{' int8' if int8 else ''}")
+            payload, report = export_bytes(
+                model, fmt, opset=opset, batch=batch, batch_source=batch_source, classes=classes,
+                metadata=_source_metadata(checkpoint, meta), tolerance=tolerance, threads=1,
+                calibration=calibration, batch_size=batch_size,
             )
+            if data is not None:
+                run, static = load_file(fmt, payload, 1, batch_size)
+                eager = accuracy_report(predict_logits(model.eval(), data.test.images, device="cpu"), data.test.labels, data.classes)
+                report["accuracy"] = {"split": "test", "images": len(data.test), "dataset": data.name,
+                                      "eager_fp32": eager["accuracy"], "file": file_accuracy(run, static, data)["accuracy"]}
+                if int8:
+                    report["accuracy"].update(guard_drop(eager["accuracy"], report["accuracy"]["file"], max_drop, force, out))
+                    report["calibration"] = {"split": "train", "images": int(calibration.shape[0]), "seed": seed}
+            report = write_export(out, payload, report)
         if as_json:
             print(json.dumps(report, indent=2))
             return
         parity = report["parity"]
-        print(
-            f"wrote {out} ({report['bytes']:,} bytes, {fmt}{', opset ' + str(opset) if fmt == 'onnx' else ''}, dynamic batch); "
-            f"parity max |diff| {parity['max_abs_diff']:.2e} <= {parity['tolerance']:g} at batch {parity['batch_sizes']} "
-            f"on {parity['batch']}"
+        shape = "dynamic batch" if fmt in ("onnx", "torchscript") else f"batch {report['metadata']['batch_size']}"
+        line = (
+            f"wrote {out} ({report['bytes']:,} bytes, {fmt} {report['precision']}{', opset ' + str(opset) if fmt == 'onnx' else ''}, {shape}); "
+            f"max |diff| vs eager {parity['max_abs_diff']:.2e}"
+            + (f" <= {parity['tolerance']:g}" if report["precision"] == "fp32" else f" (int8; top-1 agreement {parity['top1_agreement']:.1%})")
+            + f" at batch {parity['batch_sizes']} on {parity['batch']}"
         )
+        if "accuracy" in report:
+            acc = report["accuracy"]
+            line += f"; test accuracy {acc['file']:.2f}% (eager fp32 {acc['eager_fp32']:.2f}%, {acc['images']} {acc['dataset']} test images)"
+        if "metadata_path" in report:
+            line += f"; metadata {report['metadata_path']}"
+        print(line)
 
     @app.command("quantize")
     def quantize_command(
