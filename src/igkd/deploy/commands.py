@@ -74,19 +74,24 @@ def _print_latency_tables(results: dict) -> None:
         )
     console.print(footprint)
     latency = Table(
-        title=f"Latency on {machine.get('gpu') or machine['cpu_model']}, {settings['threads']} threads, "
+        title=f"Latency on {machine.get('gpu') or machine['cpu_model']}, threads {settings['threads']}, "
         f"{settings['warmup']} warm-up + {settings['repeats']} timed calls"
     )
-    for column in ("model", "backend", "precision", "batch", "median ms", "p90 ms", "mean ms", "min ms", "ms/image", "speed-up"):
+    for column in ("model", "backend", "precision", "threads", "batch", "median ms", "p90 ms", "min ms", "ms/image",
+                   "first ms", "load ms", "file KiB", "speed-up"):
         latency.add_column(column, justify="left" if column in ("model", "backend", "precision") else "right")
     for m in results["measurements"]:
         speedup = m["speedup_vs_teacher"]
         latency.add_row(
-            m["model"], m["backend"], m["precision"], str(m["batch_size"]),
-            *(f"{m[key]:.3f}" for key in ("median_ms", "p90_ms", "mean_ms", "min_ms", "per_image_ms")),
+            m["model"], m["backend"], m["precision"], str(m.get("threads") or "-"), str(m["batch_size"]),
+            *(f"{m[key]:.3f}" for key in ("median_ms", "p90_ms", "min_ms", "per_image_ms")),
+            *(f"{m[key]:.1f}" if key in m else "-" for key in ("first_inference_ms", "load_ms")),
+            f"{m['file_bytes'] / 1024:,.1f}" if "file_bytes" in m else "-",
             f"{speedup:.2f}x" if speedup else "-",
         )
     console.print(latency)
+    if settings.get("denormals"):
+        console.print(f"Never-trained models: {settings['denormals']}.")
 
 
 def register(app: typer.Typer) -> None:
@@ -101,31 +106,32 @@ def register(app: typer.Typer) -> None:
         batch_sizes: str = typer.Option("1,64", "--batch-sizes", help="Comma-separated batch sizes."),
         repeats: int = typer.Option(30, "--repeats", help="Timed calls per figure (at least 20)."),
         warmup: int = typer.Option(5, "--warmup", help="Untimed calls before timing."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for torch and ONNX Runtime [default: torch's]."),
+        threads: str = typer.Option("1", "--threads", help="Threads per runtime, or a comma-separated list (each a separate setting)."),
         rounds: int = typer.Option(5, "--rounds", help="Interleaved rounds the repeats are split into (all models timed in each)."),
-        backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: eager, onnxruntime [default: both on CPU, eager on CUDA]."),
+        backends: Optional[str] = typer.Option(None, "--backends", "--backend", help="Comma-separated: eager, onnxruntime, executorch, litert [default: eager,onnxruntime on CPU, eager on CUDA]."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (onnxruntime is measured on CPU only)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
         out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON results to this file."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Write a latency-vs-CF PNG here."),
     ) -> None:
-        """Latency (median, p90, mean, min over >= 20 warmed-up calls), parameters, MACs, sizes, CF, speed-up."""
+        """Latency (median, p90, first call, load; >= 20 warmed-up calls), file size, parameters, MACs, CF, speed-up."""
         import torch
 
         from igkd.atomic import atomic_write_json
         from igkd.deploy.export import check_destination
-        from igkd.deploy.latency import BACKENDS, RANDOM_INIT, benchmark_latency, check_counts, check_setting
+        from igkd.deploy.latency import DEFAULT_CPU_BACKENDS, RANDOM_INIT, benchmark_latency, check_counts, check_setting
         from igkd.devices import resolve_device
         from igkd.models import STUDENT_KS, build_model, load_model, parse_model_name
 
         sizes = _positive_ints(batch_sizes, "--batch-sizes")
         target = resolve_device(device)
-        chosen_backends = _csv(backends) if backends else (list(BACKENDS) if target.type == "cpu" else ["eager"])
+        chosen_backends = _csv(backends) if backends else (list(DEFAULT_CPU_BACKENDS) if target.type == "cpu" else ["eager"])
+        thread_counts = _positive_ints(threads, "--threads")
         for backend in chosen_backends:
             check_setting(backend, target)
         check_counts(repeats, warmup, sizes)
-        if rounds < 1 or (threads is not None and threads < 1):
-            raise IgkdError("--rounds and --threads must be >= 1")
+        if rounds < 1:
+            raise IgkdError("--rounds must be >= 1")
         for path in (out, plot):
             if path is not None:
                 check_destination(path)
@@ -147,7 +153,8 @@ def register(app: typer.Typer) -> None:
 
             results = benchmark_latency(
                 entries, batch_sizes=sizes, backends=chosen_backends, device=target,
-                warmup=warmup, repeats=repeats, rounds=rounds, threads=threads, progress=step,
+                warmup=warmup, repeats=repeats, rounds=rounds,
+                threads=thread_counts if target.type == "cpu" else thread_counts[0], progress=step,
             )
         if out is not None:
             atomic_write_json(out, results)
