@@ -86,6 +86,10 @@ def test_int8_export_passes_the_accuracy_guard(fmt, trained):
     assert report["precision"] == "int8" and report["parity"]["passed"] is None
     assert "int8" in json.loads(report["metadata"]["quantization"])["weights"]
     run, static = load_file(fmt, payload, threads=1)
+    with torch.inference_mode():
+        reference, logits = model(data.test.images[:1].float() / 255), run(data.test.images[:1].float() / 255)
+    assert logits.dtype == torch.float32  # dequantised: logits, not int8 codes
+    assert (logits - reference).abs().max() <= 0.25 * reference.abs().max() + 0.5
     int8 = file_accuracy(run, static, data)["accuracy"]
     assert guard_drop(eager, int8, max_drop=5.0, force=False, out="x")["accuracy_drop_points"] <= 5.0
 

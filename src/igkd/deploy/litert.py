@@ -6,6 +6,10 @@
   int8, weights per output channel, static activations) -> calibration on training images
   -> ``convert_pt2e`` -> ``litert_torch.convert(..., quant_config=QuantConfig(pt2e_quantizer))``.
 
+An int8 file's output tensor is itself int8 (scale and zero point in the file): ``load_litert``
+dequantises it, so every format returns float logits (before, the raw int8 codes came back --
+argmax, hence accuracy, was right, but the logits and their parity were not).
+
 The file's input shape is the example's; the LiteRT interpreter resizes the batch axis at
 load time (``resize_tensor_input``), so one file serves any batch size. The metadata is
 written beside the file (``<file>.json``), as for ExecuTorch.
@@ -70,8 +74,26 @@ def load_litert(data: bytes | str | os.PathLike, threads: int = 1, batch_size: i
     interpreter.allocate_tensors()
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        interpreter.set_tensor(source["index"], np.ascontiguousarray(x.detach().float().numpy()))
+        interpreter.set_tensor(source["index"], _quantize(np.ascontiguousarray(x.detach().float().numpy()), source))
         interpreter.invoke()
-        return torch.from_numpy(interpreter.get_tensor(target["index"]).copy())
+        return torch.from_numpy(_dequantize(interpreter.get_tensor(target["index"]), target))
 
     return run, shape[0]
+
+
+def _quantize(values: np.ndarray, detail: dict) -> np.ndarray:
+    """Float input -> the tensor's integer type when the file's input is quantised (scale, zero point)."""
+    dtype = np.dtype(detail["dtype"])
+    scale, zero = detail.get("quantization", (0.0, 0))
+    if not np.issubdtype(dtype, np.integer) or not scale:
+        return values
+    info = np.iinfo(dtype)
+    return np.clip(np.round(values / scale) + zero, info.min, info.max).astype(dtype)
+
+
+def _dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
+    """An int8 output (litert-torch's int8 files quantise the logits) -> float32 logits: (q - zero) * scale."""
+    scale, zero = detail.get("quantization", (0.0, 0))
+    if np.issubdtype(values.dtype, np.integer) and scale:
+        return (values.astype(np.float32) - np.float32(zero)) * np.float32(scale)
+    return values.astype(np.float32, copy=True)
