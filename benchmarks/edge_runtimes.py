@@ -21,6 +21,7 @@ and precision (LiteRT's interpreter resizes its batch axis at load time).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -48,8 +49,26 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] load {load_average()} {message}", file=sys.stderr, flush=True)
 
 
-def make_files(name, model, data, calibration, sizes, threads, max_drop) -> tuple[list[dict], dict]:
-    """Rows (accuracy, parity, export time) and {(row index, batch size): file bytes} for one checkpoint."""
+def cached(cache: Path | None, key: str, make):
+    """``make()``'s (bytes, info) -- from ``cache/key`` (+ ``.json``) when there, else made and stored there."""
+    if cache is None:
+        return make()
+    path, meta = cache / key, cache / f"{key}.json"
+    if path.is_file() and meta.is_file():
+        return path.read_bytes(), json.loads(meta.read_text())
+    data, info = make()
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    meta.write_text(json.dumps(info, default=str))
+    return data, info
+
+
+def make_files(name, model, data, calibration, sizes, threads, max_drop, cache=None, digest="") -> tuple[list[dict], dict]:
+    """Rows (accuracy, parity, export time) and {(row index, batch size): file bytes} for one checkpoint.
+
+    ``cache``: a folder keeping each exported file (keyed by the checkpoint's sha256), so a rerun
+    -- or an export phase run ahead while other models still train -- does not export again.
+    """
     eager = accuracy_report(predict_logits(model, data.test.images, device="cpu"), data.test.labels, data.classes)["accuracy"]
     parity_batch = data.test.images[:16]
     variants = [("eager", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
@@ -64,17 +83,23 @@ def make_files(name, model, data, calibration, sizes, threads, max_drop) -> tupl
             continue
         fmt = "onnx" if backend == "onnxruntime" else backend
         cal = calibration if precision == "int8" and backend != "onnxruntime" else None
-        begin = time.perf_counter()
-        data_b1, report = export_bytes(model, fmt, batch=parity_batch, calibration=cal, batch_size=1, threads=threads)
-        if backend == "onnxruntime" and precision == "int8":
-            data_b1 = quantize_static_bytes(data_b1, calibration)
-            run, _ = load_file("onnx", data_b1, threads)
-            with torch.inference_mode():
-                out = run(parity_batch.float().div(255))
-                ref = model(parity_batch.float().div(255))
-            report["parity"] = {"max_abs_diff": float((out - ref).abs().max()),
-                                "top1_agreement": float((out.argmax(1) == ref.argmax(1)).float().mean())}
-        row["export_s"] = round(time.perf_counter() - begin, 1)
+
+        def make_b1(fmt=fmt, cal=cal, backend=backend, precision=precision):
+            begin = time.perf_counter()
+            data_b1, report = export_bytes(model, fmt, batch=parity_batch, calibration=cal, batch_size=1, threads=threads)
+            if backend == "onnxruntime" and precision == "int8":
+                data_b1 = quantize_static_bytes(data_b1, calibration)
+                run, _ = load_file("onnx", data_b1, threads)
+                with torch.inference_mode():
+                    out = run(parity_batch.float().div(255))
+                    ref = model(parity_batch.float().div(255))
+                report["parity"] = {"max_abs_diff": float((out - ref).abs().max()),
+                                    "top1_agreement": float((out.argmax(1) == ref.argmax(1)).float().mean())}
+            report["export_s"] = round(time.perf_counter() - begin, 1)
+            return data_b1, report
+
+        data_b1, report = cached(cache, f"{digest}.{backend}.{precision}.b1", make_b1)
+        row["export_s"] = report["export_s"]
         row["parity_max_abs_diff"] = report["parity"]["max_abs_diff"]
         row["top1_agreement_parity_batch"] = report["parity"].get("top1_agreement")
         run, static = load_file(fmt, data_b1, threads)
@@ -85,9 +110,14 @@ def make_files(name, model, data, calibration, sizes, threads, max_drop) -> tupl
         index = len(rows)
         for size in sizes:
             if backend == "executorch" and size != 1:
-                begin = time.perf_counter()
-                files[(index, size)] = export_bytes(model, fmt, batch=parity_batch, calibration=cal, batch_size=size, threads=threads)[0]
-                row[f"export_s_batch{size}"] = round(time.perf_counter() - begin, 1)
+
+                def make(fmt=fmt, cal=cal, size=size):
+                    begin = time.perf_counter()
+                    made = export_bytes(model, fmt, batch=parity_batch, calibration=cal, batch_size=size, threads=threads)[0]
+                    return made, {"export_s": round(time.perf_counter() - begin, 1)}
+
+                files[(index, size)], info = cached(cache, f"{digest}.{backend}.{precision}.b{size}", make)
+                row[f"export_s_batch{size}"] = info["export_s"]
             else:
                 files[(index, size)] = data_b1
         rows.append(row)
@@ -131,6 +161,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--cache", type=Path, help="folder keeping the exported files between runs (keyed by checkpoint sha256)")
+    parser.add_argument("--export-only", action="store_true", help="make (and cache) the files and accuracies, time nothing")
     parser.add_argument("--table", type=Path, help="print the markdown table of this result JSON and exit")
     args = parser.parse_args()
     if args.table:
@@ -153,13 +185,18 @@ def main() -> None:
         for checkpoint, name in zip(args.checkpoints, names):
             model = load_model(checkpoint)[0].eval()
             offset = len(rows)
-            new_rows, new_files = make_files(name, model, data, calibration, sizes, args.threads, args.max_drop)
+            digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
+            new_rows, new_files = make_files(name, model, data, calibration, sizes, args.threads, args.max_drop,
+                                             cache=args.cache, digest=digest)
             for row in new_rows:
                 row["checkpoint"] = str(checkpoint)
             rows += new_rows
             files.update({(offset + i, s): v for (i, s), v in new_files.items()})
             models += [model] * len(new_rows)
         phases["after_export"] = load_average()
+        if args.export_only:
+            print(json.dumps(rows, indent=2))
+            return
         for size in sizes:
             log(f"batch {size}: load + first call of {len(rows)} files, then {args.rounds} interleaved rounds")
             calls = []
