@@ -95,12 +95,15 @@ def load_executorch(data: bytes | str | os.PathLike, threads: int = 1):
         set_threads(threads)
         source = data if isinstance(data, bytes) else os.fspath(data)
         try:
-            method = Runtime.get().load_program(source).load_method("forward")
+            # keep the Program (it holds the bytes the method's tensors point into): a Method alone
+            # does not, and once the Program was freed runs failed at random ("resize a static tensor")
+            program = Runtime.get().load_program(source)
+            method = program.load_method("forward")
         except Exception as err:  # noqa: BLE001
             raise IgkdError(f"ExecuTorch cannot load {'the exported program' if isinstance(data, bytes) else data}: {err}") from None
     batch_size = int(method.metadata.input_tensor_meta(0).sizes()[0])
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: torch.Tensor, _keep=(program, source)) -> torch.Tensor:
         return method.execute([x.detach().float().contiguous()])[0]
 
     return run, batch_size
