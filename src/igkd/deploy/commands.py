@@ -74,19 +74,24 @@ def _print_latency_tables(results: dict) -> None:
         )
     console.print(footprint)
     latency = Table(
-        title=f"Latency on {machine.get('gpu') or machine['cpu_model']}, {settings['threads']} threads, "
+        title=f"Latency on {machine.get('gpu') or machine['cpu_model']}, threads {settings['threads']}, "
         f"{settings['warmup']} warm-up + {settings['repeats']} timed calls"
     )
-    for column in ("model", "backend", "precision", "batch", "median ms", "p90 ms", "mean ms", "min ms", "ms/image", "speed-up"):
+    for column in ("model", "backend", "precision", "threads", "batch", "median ms", "p90 ms", "min ms", "ms/image",
+                   "first ms", "load ms", "file KiB", "speed-up"):
         latency.add_column(column, justify="left" if column in ("model", "backend", "precision") else "right")
     for m in results["measurements"]:
         speedup = m["speedup_vs_teacher"]
         latency.add_row(
-            m["model"], m["backend"], m["precision"], str(m["batch_size"]),
-            *(f"{m[key]:.3f}" for key in ("median_ms", "p90_ms", "mean_ms", "min_ms", "per_image_ms")),
+            m["model"], m["backend"], m["precision"], str(m.get("threads") or "-"), str(m["batch_size"]),
+            *(f"{m[key]:.3f}" for key in ("median_ms", "p90_ms", "min_ms", "per_image_ms")),
+            *(f"{m[key]:.1f}" if key in m else "-" for key in ("first_inference_ms", "load_ms")),
+            f"{m['file_bytes'] / 1024:,.1f}" if "file_bytes" in m else "-",
             f"{speedup:.2f}x" if speedup else "-",
         )
     console.print(latency)
+    if settings.get("denormals"):
+        console.print(f"Never-trained models: {settings['denormals']}.")
 
 
 def register(app: typer.Typer) -> None:
@@ -101,31 +106,32 @@ def register(app: typer.Typer) -> None:
         batch_sizes: str = typer.Option("1,64", "--batch-sizes", help="Comma-separated batch sizes."),
         repeats: int = typer.Option(30, "--repeats", help="Timed calls per figure (at least 20)."),
         warmup: int = typer.Option(5, "--warmup", help="Untimed calls before timing."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for torch and ONNX Runtime [default: torch's]."),
+        threads: str = typer.Option("1", "--threads", help="Threads per runtime, or a comma-separated list (each a separate setting)."),
         rounds: int = typer.Option(5, "--rounds", help="Interleaved rounds the repeats are split into (all models timed in each)."),
-        backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: eager, onnxruntime [default: both on CPU, eager on CUDA]."),
+        backends: Optional[str] = typer.Option(None, "--backends", "--backend", help="Comma-separated: eager, onnxruntime, executorch, litert [default: eager,onnxruntime on CPU, eager on CUDA]."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (onnxruntime is measured on CPU only)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
         out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON results to this file."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Write a latency-vs-CF PNG here."),
     ) -> None:
-        """Latency (median, p90, mean, min over >= 20 warmed-up calls), parameters, MACs, sizes, CF, speed-up."""
+        """Latency (median, p90, first call, load; >= 20 warmed-up calls), file size, parameters, MACs, CF, speed-up."""
         import torch
 
         from igkd.atomic import atomic_write_json
         from igkd.deploy.export import check_destination
-        from igkd.deploy.latency import BACKENDS, RANDOM_INIT, benchmark_latency, check_counts, check_setting
+        from igkd.deploy.latency import DEFAULT_CPU_BACKENDS, RANDOM_INIT, benchmark_latency, check_counts, check_setting
         from igkd.devices import resolve_device
         from igkd.models import STUDENT_KS, build_model, load_model, parse_model_name
 
         sizes = _positive_ints(batch_sizes, "--batch-sizes")
         target = resolve_device(device)
-        chosen_backends = _csv(backends) if backends else (list(BACKENDS) if target.type == "cpu" else ["eager"])
+        chosen_backends = _csv(backends) if backends else (list(DEFAULT_CPU_BACKENDS) if target.type == "cpu" else ["eager"])
+        thread_counts = _positive_ints(threads, "--threads")
         for backend in chosen_backends:
             check_setting(backend, target)
         check_counts(repeats, warmup, sizes)
-        if rounds < 1 or (threads is not None and threads < 1):
-            raise IgkdError("--rounds and --threads must be >= 1")
+        if rounds < 1:
+            raise IgkdError("--rounds must be >= 1")
         for path in (out, plot):
             if path is not None:
                 check_destination(path)
@@ -147,7 +153,8 @@ def register(app: typer.Typer) -> None:
 
             results = benchmark_latency(
                 entries, batch_sizes=sizes, backends=chosen_backends, device=target,
-                warmup=warmup, repeats=repeats, rounds=rounds, threads=threads, progress=step,
+                warmup=warmup, repeats=repeats, rounds=rounds,
+                threads=thread_counts if target.type == "cpu" else thread_counts[0], progress=step,
             )
         if out is not None:
             atomic_write_json(out, results)
@@ -163,46 +170,87 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_command(
         checkpoint: Path = typer.Argument(..., help="Model file (igkd .safetensors, training checkpoint .pt, reference state dict)."),
-        fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Output file [default: next to CKPT, .onnx / .torchscript.pt]."),
+        fmt: str = typer.Option("onnx", "--format", help="onnx, torchscript, executorch (extra 'executorch') or litert (extra 'litert')."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Output file [default: next to CKPT, .onnx / .torchscript.pt / .pte / .tflite]."),
         opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
-        dataset: Optional[str] = typer.Option(None, "--dataset", help="Check parity on a batch of this dataset's test images (default: a deterministic random batch)."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Check parity on this dataset's test images and measure the file's test accuracy (default: a deterministic random batch)."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives / is cached."),
         tolerance: float = typer.Option(1e-4, "--tolerance", help="Max abs logit difference allowed vs eager (fp32)."),
+        int8: bool = typer.Option(False, "--int8", help="executorch / litert: int8 (PT2E), calibrated on --dataset training images; refused if test accuracy drops more than --max-drop."),
+        batch_size: int = typer.Option(1, "--batch-size", help="executorch / litert: the file's batch size (static in ExecuTorch; LiteRT can resize it)."),
+        calibration_size: int = typer.Option(512, "--calibration-size", help="int8: training images used to calibrate."),
+        max_drop: float = typer.Option(1.0, "--max-drop", help="int8: refuse to write if test accuracy drops more than this many points."),
+        force: bool = typer.Option(False, "--force", help="int8: write even if accuracy dropped more than --max-drop."),
+        seed: int = typer.Option(0, "--seed", help="int8: seed of the calibration subset."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     ) -> None:
-        """Export a model to ONNX (dynamic batch, metadata) or TorchScript; refuses to write on a parity failure."""
+        """Export a model to ONNX, TorchScript, ExecuTorch (XNNPACK) or LiteRT; refuses to write on a parity failure."""
         from igkd.data import load_dataset
-        from igkd.deploy.export import PARITY_BATCH, check_destination, check_format, check_opset, export_model
+        from igkd.deploy.accuracy import file_accuracy, guard_drop, load_file
+        from igkd.deploy.export import (
+            PARITY_BATCH, SIDECAR_FORMATS, SUFFIXES, check_destination, check_format, check_opset, export_bytes, write_export,
+        )
+        from igkd.deploy.quantize import calibration_indices
+        from igkd.evaluate import accuracy_report, predict_logits
         from igkd.models import load_model
 
         fmt = check_format(fmt)
         if fmt == "onnx":
             check_opset(opset)
-        out = check_destination(out or checkpoint.with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt"))
+        if int8 and fmt not in SIDECAR_FORMATS:
+            raise IgkdError(f"--int8 is for executorch and litert; for int8 {fmt} use 'igkd quantize'")
+        if int8 and dataset is None:
+            raise IgkdError("--int8 needs --dataset: its training images calibrate the int8 ranges and its test images guard the accuracy")
+        if batch_size < 1:
+            raise IgkdError(f"--batch-size must be >= 1 (got {batch_size})")
+        if int8:
+            calibration_indices(1, calibration_size, seed)  # refuses --calibration-size < 1 before any work
+        suffix = (".int8" if int8 else "") + SUFFIXES[fmt]
+        out = check_destination(out or checkpoint.with_name(checkpoint.stem + suffix))
         model, meta = load_model(checkpoint)
-        batch, batch_source, classes = None, None, _classes_from_meta(meta)
+        batch, batch_source, classes, data = None, None, _classes_from_meta(meta), None
         if dataset is not None:
             data = load_dataset(dataset, data_dir, progress=not as_json)
             if data.num_classes != model.num_classes:
                 raise IgkdError(f"{checkpoint} has {model.num_classes} outputs but dataset {dataset!r} has {data.num_classes} classes")
             batch, batch_source = data.test.images[:PARITY_BATCH], f"{data.name} test images 0-{PARITY_BATCH - 1}"
             classes = list(data.classes)
+        calibration = None
+        if int8:
+            calibration = data.train.images[calibration_indices(len(data.train), calibration_size, seed)]
         with _progress(False) as progress:
-            progress.add_task(f"exporting {checkpoint.name} to {fmt}")
-            report = export_model(
-                model, out, fmt, opset=opset, batch=batch, batch_source=batch_source, classes=classes,
-                metadata=_source_metadata(checkpoint, meta), tolerance=tolerance,
+            progress.add_task(f"exporting {checkpoint.name} to {fmt}{' int8' if int8 else ''}")
+            payload, report = export_bytes(
+                model, fmt, opset=opset, batch=batch, batch_source=batch_source, classes=classes,
+                metadata=_source_metadata(checkpoint, meta), tolerance=tolerance, threads=1,
+                calibration=calibration, batch_size=batch_size,
             )
+            if data is not None:
+                run, static = load_file(fmt, payload, 1, batch_size)
+                eager = accuracy_report(predict_logits(model.eval(), data.test.images, device="cpu"), data.test.labels, data.classes)
+                report["accuracy"] = {"split": "test", "images": len(data.test), "dataset": data.name,
+                                      "eager_fp32": eager["accuracy"], "file": file_accuracy(run, static, data)["accuracy"]}
+                if int8:
+                    report["accuracy"].update(guard_drop(eager["accuracy"], report["accuracy"]["file"], max_drop, force, out))
+                    report["calibration"] = {"split": "train", "images": int(calibration.shape[0]), "seed": seed}
+            report = write_export(out, payload, report)
         if as_json:
             print(json.dumps(report, indent=2))
             return
         parity = report["parity"]
-        print(
-            f"wrote {out} ({report['bytes']:,} bytes, {fmt}{', opset ' + str(opset) if fmt == 'onnx' else ''}, dynamic batch); "
-            f"parity max |diff| {parity['max_abs_diff']:.2e} <= {parity['tolerance']:g} at batch {parity['batch_sizes']} "
-            f"on {parity['batch']}"
+        shape = "dynamic batch" if fmt in ("onnx", "torchscript") else f"batch {report['metadata']['batch_size']}"
+        line = (
+            f"wrote {out} ({report['bytes']:,} bytes, {fmt} {report['precision']}{', opset ' + str(opset) if fmt == 'onnx' else ''}, {shape}); "
+            f"max |diff| vs eager {parity['max_abs_diff']:.2e}"
+            + (f" <= {parity['tolerance']:g}" if report["precision"] == "fp32" else f" (int8; top-1 agreement {parity['top1_agreement']:.1%})")
+            + f" at batch {parity['batch_sizes']} on {parity['batch']}"
         )
+        if "accuracy" in report:
+            acc = report["accuracy"]
+            line += f"; test accuracy {acc['file']:.2f}% (eager fp32 {acc['eager_fp32']:.2f}%, {acc['images']} {acc['dataset']} test images)"
+        if "metadata_path" in report:
+            line += f"; metadata {report['metadata_path']}"
+        print(line)
 
     @app.command("quantize")
     def quantize_command(

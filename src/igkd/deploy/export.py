@@ -1,4 +1,4 @@
-"""Deployable files: ONNX (dynamic batch axis) and TorchScript, written only after a parity check.
+"""Deployable files: ONNX (dynamic batch axis), TorchScript, ExecuTorch and LiteRT, written only after a parity check.
 
 Which ONNX exporter, and why. torch 2.13 has two:
 
@@ -19,6 +19,12 @@ Every export is checked before it is written: the file's logits on a real batch 
 deterministic random one) and on a single image are compared with the eager model's;
 a max abs difference above the tolerance (1e-4, fp32) refuses the write. Files are
 written atomically.
+
+ExecuTorch (``executorch``, XNNPACK) and LiteRT (``litert``) come from optional extras
+(``igkd.deploy.executorch`` / ``igkd.deploy.litert``); both can also write int8 files
+(PT2E quantisation calibrated on given images), which are not held to the fp32 tolerance:
+their report carries the max difference and top-1 agreement, and the accuracy guard of
+``igkd.deploy.accuracy`` decides. Their metadata is written beside the file (``<file>.json``).
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from igkd.atomic import atomic_write_bytes
 from igkd.errors import IgkdError
 from igkd.models import spec_of
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "executorch", "litert")
+SIDECAR_FORMATS = ("executorch", "litert")  # metadata written beside the file, <file>.json
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "executorch": ".pte", "litert": ".tflite"}
 DEFAULT_OPSET = 17
 OPSETS = range(13, 21)  # 13: per-channel QDQ (int8) needs it; 20: the newest the legacy exporter writes
 PARITY_TOLERANCE = 1e-4
@@ -47,7 +55,10 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 def check_format(fmt: str) -> str:
     fmt = str(fmt).strip().lower()
     if fmt not in FORMATS:
-        raise IgkdError(f"unknown export format {fmt!r}: use {' or '.join(FORMATS)}")
+        raise IgkdError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")
+    from igkd.deploy.extras import require
+
+    require(fmt)  # one line naming the extra when its runtime is not installed
     return fmt
 
 
@@ -164,15 +175,35 @@ def load_torchscript(data: bytes | str | Path) -> tuple[torch.jit.ScriptModule, 
     return module, json.loads(extra["igkd.json"] or "{}")
 
 
-def parity(model: torch.nn.Module, run, batch: torch.Tensor, tolerance: float) -> dict:
-    """Max abs logit difference between ``run`` (the exported file) and eager fp32, at two batch sizes."""
-    worst, sizes = 0.0, []
-    for part in (batch, batch[:1]):
+def run_in_chunks(run, batch: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``run`` over ``batch`` in calls of exactly ``size`` images (a file with a static batch axis);
+    the last call is padded with zeros and its padding dropped. ``size=None``: one call."""
+    if not size or batch.shape[0] == size:
+        return run(batch)
+    outputs = []
+    for start in range(0, batch.shape[0], size):
+        part = batch[start : start + size]
+        short = size - part.shape[0]
+        if short:
+            part = torch.cat([part, part.new_zeros(short, *part.shape[1:])])
+        outputs.append(run(part)[: size - short])
+    return torch.cat(outputs)
+
+
+def parity(model: torch.nn.Module, run, batch: torch.Tensor, tolerance: float, static_batch: int | None = None) -> dict:
+    """Max abs logit difference between ``run`` (the exported file) and eager fp32, at two batch sizes
+    (for a file with a static batch axis: the batch run in calls of that size, and one call)."""
+    worst, sizes, agree = 0.0, [], []
+    parts = (batch, batch[:1]) if static_batch is None else (batch, batch[:static_batch])
+    for part in parts:
         with torch.inference_mode():
             reference = model(part)
-        worst = max(worst, (run(part).float() - reference).abs().max().item())
-        sizes.append(part.shape[0])
-    return {"batch_sizes": sizes, "max_abs_diff": worst, "tolerance": tolerance, "passed": worst <= tolerance}
+        logits = run_in_chunks(run, part, static_batch).float()
+        worst = max(worst, (logits - reference).abs().max().item())
+        agree.append((logits.argmax(1) == reference.argmax(1)).float().mean().item())
+        sizes.append(part.shape[0] if static_batch is None else static_batch)
+    return {"batch_sizes": sizes, "max_abs_diff": worst, "tolerance": tolerance, "passed": worst <= tolerance,
+            "top1_agreement": min(agree)}
 
 
 def export_bytes(
@@ -186,9 +217,20 @@ def export_bytes(
     metadata: dict | None = None,
     tolerance: float = PARITY_TOLERANCE,
     threads: int | None = None,
+    calibration: torch.Tensor | None = None,
+    batch_size: int = 1,
 ) -> tuple[bytes, dict]:
-    """Export in memory and check parity; returns (file bytes, report). Raises on parity failure."""
+    """Export in memory and check parity; returns (file bytes, report). Raises on parity failure.
+
+    ExecuTorch / LiteRT only: ``batch_size`` is the file's batch axis (static for ExecuTorch;
+    LiteRT's interpreter can resize it), ``calibration`` (uint8 or float [0, 1] training images)
+    makes an int8 file, whose parity is reported but not held to ``tolerance``.
+    """
     fmt = check_format(format)
+    if calibration is not None and fmt not in SIDECAR_FORMATS:
+        raise IgkdError(f"int8 {fmt} is not written by export: use 'igkd quantize' for int8 ONNX")
+    if batch_size < 1:
+        raise IgkdError(f"--batch-size must be >= 1 (got {batch_size})")
     model = copy.deepcopy(model).cpu().float().eval()
     if batch is None:
         batch, batch_source = random_batch(), f"deterministic random batch of {PARITY_BATCH} (uniform [0, 1], seed 0)"
@@ -201,27 +243,77 @@ def export_bytes(
         data = onnx_bytes(model, batch[:1], opset, props)
         session = ort_session(data, threads)
         check = parity(model, lambda x: ort_run(session, x), batch, tolerance)
-    else:
+    elif fmt == "torchscript":
         data = torchscript_bytes(model, batch[:1], props)
         module, _ = load_torchscript(data)
         with torch.inference_mode():
             check = parity(model, module, batch, tolerance)
+    else:
+        data, check, props = _edge_export(model, fmt, batch, props, tolerance, threads, calibration, batch_size)
     check["batch"] = batch_source or f"given batch of {batch.shape[0]}"
     report = {
         "format": fmt,
+        "precision": "int8" if calibration is not None else "fp32",
         "model": spec_of(model)["name"],
-        "exporter": "torch.onnx.export(dynamo=False) + onnxscript.optimizer" if fmt == "onnx" else "torch.jit.trace",
+        "exporter": EXPORTERS[fmt],
         "opset": opset if fmt == "onnx" else None,
         "bytes": len(data),
         "parity": check,
         "metadata": props,
     }
-    if not check["passed"]:
+    if calibration is not None:
+        check["passed"] = None  # int8: judged by the accuracy guard, not by the fp32 tolerance
+    elif not check["passed"]:
         raise IgkdError(
             f"{fmt} export of {report['model']} failed the parity check: max abs logit difference "
             f"{check['max_abs_diff']:.3g} > {tolerance:g} on the {check['batch']}; nothing written"
         )
     return data, report
+
+
+EXPORTERS = {
+    "onnx": "torch.onnx.export(dynamo=False) + onnxscript.optimizer",
+    "torchscript": "torch.jit.trace",
+    "executorch": "torch.export + executorch to_edge_transform_and_lower(XnnpackPartitioner)",
+    "litert": "litert_torch.convert",
+}
+
+
+def _edge_export(model, fmt, batch, props, tolerance, threads, calibration, batch_size):
+    """ExecuTorch / LiteRT bytes for a ``batch_size`` input, their parity report and metadata."""
+    example = batch[:batch_size] if batch.shape[0] >= batch_size else random_batch(tuple(batch.shape[-2:]), batch_size)
+    images = None if calibration is None else as_pixels(calibration)
+    threads = int(threads or 1)
+    if fmt == "executorch":
+        from igkd.deploy.executorch import executorch_bytes, load_executorch
+
+        data = executorch_bytes(model, example, calibration=images)
+        run, static = load_executorch(data, threads)
+    else:
+        from igkd.deploy.litert import litert_bytes, load_litert
+
+        data = litert_bytes(model, example, calibration=images)
+        run, static = load_litert(data, threads)
+    props = {
+        **props,
+        "input_shape": f"[{static}, 3, {batch.shape[-2]}, {batch.shape[-1]}]",
+        "batch_size": str(static) + (" (static)" if fmt == "executorch" else " (the interpreter can resize it)"),
+        "precision": "int8" if images is not None else "fp32",
+    }
+    if images is not None:
+        props["quantization"] = json.dumps({
+            "flow": "PT2E (torch.export, prepare_pt2e, convert_pt2e)",
+            "quantizer": "XNNPACKQuantizer" if fmt == "executorch" else "litert_torch PT2EQuantizer",
+            "weights": "int8 symmetric, per output channel",
+            "activations": "int8, static, calibrated",
+            "calibration": f"{images.shape[0] - images.shape[0] % static} training images",
+        })
+    return data, parity(model, run, batch, tolerance, static_batch=static), props
+
+
+def metadata_path(path: str | Path) -> Path:
+    """Where the metadata of a format without an embedded metadata slot is written."""
+    return Path(f"{path}.json")
 
 
 def export_model(model: torch.nn.Module, path: str | Path, format: str = "onnx", **options) -> dict:
@@ -234,6 +326,19 @@ def export_model(model: torch.nn.Module, path: str | Path, format: str = "onnx",
     """
     path = check_destination(path)
     data, report = export_bytes(model, format, **options)
+    return write_export(path, data, report)
+
+
+def write_export(path: str | Path, data: bytes, report: dict) -> dict:
+    """Write the exported bytes atomically (and, for ExecuTorch / LiteRT, the metadata beside them)."""
+    path = Path(path)
     atomic_write_bytes(path, data)
     report["path"] = str(path)
+    if report["format"] in SIDECAR_FORMATS:
+        from igkd.atomic import atomic_write_json
+
+        sidecar = metadata_path(path)
+        atomic_write_json(sidecar, {"kind": "igkd-model-metadata", "file": path.name, "format": report["format"],
+                                    "bytes": report["bytes"], "parity": report["parity"], **report["metadata"]})
+        report["metadata_path"] = str(sidecar)
     return report

@@ -12,6 +12,12 @@ in the machine's load during the run does not favour the models measured first.
 
 Absolute times depend on the machine and on whatever else runs on it; the ratio of
 medians teacher / student measured in one run is the figure that travels.
+
+On the CPU every backend -- eager PyTorch, ONNX Runtime, ExecuTorch (XNNPACK), LiteRT -- follows
+one protocol (``igkd.deploy.runners``): its file is made once (not timed), then loaded (load
+time), called once (first-inference time), warmed up and timed; the file size is recorded.
+Thread counts (default 1) are set per backend. Never-trained models are measured with
+BatchNorm statistics calibrated on random inputs and denormals flushed, and the output says so.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from igkd.errors import IgkdError
 
 MIN_REPEATS = 20
 DEFAULT_ROUNDS = 5
-BACKENDS = ("eager", "onnxruntime")
+BACKENDS = ("eager", "onnxruntime", "executorch", "litert")
+DEFAULT_CPU_BACKENDS = ("eager", "onnxruntime")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RANDOM_INIT = "random init (seed 0)"
 
@@ -128,8 +135,12 @@ def precisions_for(device: torch.device, backend: str) -> tuple[str, ...]:
 def check_setting(backend: str, device: torch.device, precision: str = "fp32") -> None:
     if backend not in BACKENDS:
         raise IgkdError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
-    if backend == "onnxruntime" and device.type != "cpu":
-        raise IgkdError("the onnxruntime backend is measured on CPU only (CPUExecutionProvider): use --device cpu")
+    if backend != "eager" and device.type != "cpu":
+        raise IgkdError(f"the {backend} backend is measured on CPU only: use --device cpu")
+    if backend != "eager":
+        from igkd.deploy.extras import require
+
+        require(backend)
     if precision not in precisions_for(device, backend):
         raise IgkdError(f"precision {precision!r} is not measured for {backend} on {device.type}: use {', '.join(precisions_for(device, backend))}")
 
@@ -267,6 +278,11 @@ def machine_info(threads: int, device: torch.device) -> dict:
         "onnx": onnx.__version__,
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+    from importlib import metadata
+
+    for package in ("executorch", "litert-torch", "ai-edge-litert"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            info[package] = metadata.version(package)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
@@ -282,7 +298,7 @@ def benchmark_latency(
     warmup: int = 5,
     repeats: int = MIN_REPEATS,
     rounds: int = DEFAULT_ROUNDS,
-    threads: int | None = None,
+    threads: int | Iterable[int] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Footprint and latency of each (model, source) entry for every backend x precision x batch size.
@@ -290,7 +306,8 @@ def benchmark_latency(
     For each setting all models are timed together in interleaved rounds (``time_interleaved``).
     Speed-up is the teacher's median / the model's median for the same backend, device,
     precision and batch size (present only when a teacher is among the entries).
-    ``progress(description, done, total)`` is called before each step.
+    ``progress(description, done, total)`` is called before each step. ``threads``: one count or
+    several (each a separate setting on the CPU); default torch's current count.
     """
     from igkd.deploy.footprint import model_footprint
     from igkd.provenance import environment
@@ -300,6 +317,10 @@ def benchmark_latency(
     device = resolve_device(str(device))
     for backend in backends:
         check_setting(backend, device, "fp32")
+    if device.type == "cpu":
+        counts = [int(t) for t in ([threads] if isinstance(threads, int) else threads or [torch.get_num_threads()])]
+        return _benchmark_cpu(entries, batch_sizes, backends, counts, warmup, repeats, rounds, progress)
+    threads = threads if isinstance(threads, int) or threads is None else int(list(threads)[0])
     settings = [(b, p, n) for b in backends for p in precisions_for(device, b) for n in batch_sizes]
     report = progress or (lambda _description, _done, _total: None)
     models, measurements = [], []
@@ -366,8 +387,90 @@ def benchmark_latency(
     }
 
 
+def _benchmark_cpu(entries, batch_sizes, backends, counts, warmup, repeats, rounds, progress) -> dict:
+    """Every backend through ``igkd.deploy.runners``: file made once, load, first call, warm-up, interleaved timing."""
+    from igkd.deploy.footprint import model_footprint
+    from igkd.deploy.runners import FLUSH_NOTE, calibrate_batchnorm, load_and_first_call, prepare
+    from igkd.provenance import environment
+
+    cpu = torch.device("cpu")
+    report = progress or (lambda _description, _done, _total: None)
+    models, nets = [], []
+    for model, source in entries:
+        model.eval()
+        row = {**model_footprint(model), "source": source}
+        row["label"] = row["name"] if source == RANDOM_INIT else f"{row['name']} ({os.path.basename(source)})"
+        if source == RANDOM_INIT:
+            model = calibrate_batchnorm(model)
+            row["batchnorm_statistics"] = "calibrated on 8 random uniform batches of 32 (never-trained model)"
+        models.append(row)
+        nets.append(model)
+    settings = [(t, b, n) for t in counts for b in backends for n in batch_sizes]
+    files: dict = {}
+    measurements = []
+    flushed = torch.set_flush_denormal(True)
+    try:
+        with torch_threads(counts[0]):
+            machine = machine_info(counts[0], cpu)
+        for done, (threads, backend, batch_size) in enumerate(settings):
+            report(f"{backend} batch {batch_size}, {threads} thread(s): {len(entries)} models", done, len(settings))
+            with torch_threads(threads):
+                prepared = []
+                for index, net in enumerate(nets):
+                    key = (index, backend, batch_size if backend == "executorch" else 0)
+                    item = prepare(backend, net, batch_size, threads=threads, data=files.get(key))
+                    files[key] = item.data
+                    prepared.append(item)
+                loaded = [load_and_first_call(item) for item in prepared]
+                samples = time_interleaved([call for call, _, _ in loaded], warmup=warmup, repeats=repeats, rounds=rounds)
+            for row, item, (_, load_ms, first_ms), times in zip(models, prepared, loaded, samples):
+                measurements.append({
+                    "model": row["label"], "k": row["k"], **_record(backend, cpu, "fp32", batch_size, threads, warmup, times),
+                    "load_ms": load_ms, "first_inference_ms": first_ms, "file_bytes": len(item.data),
+                })
+        machine["load_average_1m_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    finally:
+        torch.set_flush_denormal(False)
+    order = {row["label"]: i for i, row in enumerate(models)}
+    measurements.sort(key=lambda m: (order[m["model"]], backends.index(m["backend"]), m["threads"], m["batch_size"]))
+    _add_speedups(measurements)
+    return {
+        "kind": "igkd-latency-benchmark",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "batch_sizes": batch_sizes,
+            "backends": backends,
+            "device": "cpu",
+            "threads": counts[0] if len(counts) == 1 else counts,
+            "warmup": warmup,
+            "repeats": repeats,
+            "rounds": min(rounds, repeats),
+            "input": "float32 NCHW 3x32x32, uniform [0, 1], seed 0 (latency does not depend on the values)",
+            "denormals": FLUSH_NOTE if flushed else "flush-to-zero not supported on this CPU; never-trained models' BatchNorm statistics calibrated",
+        },
+        "machine": machine,
+        "environment": environment(cpu),
+        "models": models,
+        "measurements": measurements,
+        "definitions": {
+            "median_ms": "median over `repeats` timed calls (one call = one batch) after `warmup` untimed ones",
+            "p90_ms": "90th percentile of the same calls (MLPerf's edge latency figure)",
+            "load_ms": "time to turn the file's bytes into a ready runtime (session / program / interpreter / model)",
+            "first_inference_ms": "the first call after loading, before any warm-up",
+            "file_bytes": "the file a device receives: safetensors (eager), .onnx, .pte (static batch), .tflite",
+            "schedule": "per threads x backend x batch size, all models are timed in `rounds` interleaved rounds: "
+            "in each round every model (rotating start) makes 1 untimed call, then repeats/rounds timed calls",
+            "speedup_vs_teacher": "teacher median / model median, same backend, threads, precision and batch size "
+            "(the first teacher in the run)",
+            "cf": "teacher parameters / model parameters",
+            "size_bytes": "state-dict bytes: floating tensors x 4 (fp32) or 2 (fp16); int8 = conv/linear weights "
+            "x 1 byte + one fp32 scale per output channel, other tensors fp32; BatchNorm counters not counted",
+        },
+    }
+
+
 def _add_speedups(measurements: list[dict]) -> None:
-    key = lambda m: (m["backend"], m["device"], m["precision"], m["batch_size"])  # noqa: E731
+    key = lambda m: (m["backend"], m["device"], m["precision"], m["batch_size"], m.get("threads"))  # noqa: E731
     teacher: dict = {}
     for m in measurements:
         if m["k"] == 0:

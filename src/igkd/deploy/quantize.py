@@ -179,7 +179,10 @@ def quantize_onnx(
         )
         for name in variants:
             variants[name]["latency"] = latency[name]
-    drop = round(variants["fp32"]["accuracy"] - variants["int8"]["accuracy"], 4)
+    from igkd.deploy.accuracy import guard_drop
+
+    guard = guard_drop(variants["fp32"]["accuracy"], variants["int8"]["accuracy"], max_drop, force, out)
+    drop = guard["accuracy_drop_points"]
     result = {
         "kind": "igkd-int8-quantization",
         "model": export_report["model"],
@@ -197,17 +200,11 @@ def quantize_onnx(
             for b in variants["fp32"]["latency"]
         },
         "max_drop": max_drop,
-        "forced": bool(force and drop > max_drop),
+        "forced": guard["forced"],
         "parity_fp32": export_report["parity"],
         "threads": used_threads,
         "environment": environment("cpu"),
     }
-    if drop > max_drop and not force:
-        raise IgkdError(
-            f"int8 test accuracy dropped {drop:.2f} points ({variants['fp32']['accuracy']:.2f}% -> "
-            f"{variants['int8']['accuracy']:.2f}%), more than --max-drop {max_drop:g}: {out} not written "
-            "(--force writes it anyway)"
-        )
     atomic_write_bytes(out, int8)
     result["out"] = str(out)
     return result
