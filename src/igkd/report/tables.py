@@ -26,6 +26,30 @@ def spread(values: list[float]) -> dict:
     return describe(values)
 
 
+#: Shown for every run; the keys of a loss term or augmentation only when the run uses it (below).
+TRAINING_KEYS = ("recipe", "epochs", "batch_size", "optimizer", "lr", "alpha", "temperature", "p", "gamma")
+TERM_KEYS = {
+    ("logit_loss", "dkd"): ("logit_loss", "dkd_alpha", "dkd_beta", "dkd_temperature", "dkd_warmup"),
+    ("logit_loss", "dist"): ("logit_loss", "dist_beta", "dist_gamma", "dist_temperature"),
+    ("logit_std", True): ("logit_std", "logit_std_temperature"),
+    ("overlay_maps", "shuffled"): ("overlay_maps",),
+    ("overlay_maps", "saliency"): ("overlay_maps",),
+    ("overlay_maps", "random"): ("overlay_maps", "random_map_sigma"),
+    ("mix", "cutmix"): ("mix", "mix_alpha", "mix_prob"),
+    ("mix", "mixup"): ("mix", "mix_alpha", "mix_prob"),
+}
+
+
+def training_settings(config: dict) -> dict:
+    """The settings a reader needs to tell the runs' methods apart: :data:`TRAINING_KEYS` plus the keys of
+    the loss terms and augmentations the run uses (DKD's weights only for DKD runs, and so on)."""
+    keys = list(TRAINING_KEYS)
+    for (key, value), extra in TERM_KEYS.items():
+        if config.get(key) == value:
+            keys += [k for k in extra if k not in keys]
+    return {k: config.get(k) for k in keys}
+
+
 def _distinct(values) -> list:
     return sorted({str(v) for v in values if v is not None})
 
@@ -53,7 +77,7 @@ def provenance(study: dict) -> dict:
         "subset": study.get("subset"),
         "teacher": study.get("teacher"),
         "attributions": study.get("attributions"),
-        "training": {m: {k: c.get(k) for k in ("recipe", "epochs", "batch_size", "optimizer", "lr", "alpha", "temperature", "p", "gamma")} for m, c in configs.items()},
+        "training": {m: training_settings(c) for m, c in configs.items()},
         "devices": _distinct(e.get("device_name") for e in envs),
         "torch": _distinct(e.get("torch") for e in envs),
         "git_sha": _distinct(e.get("git_sha") for e in envs),
