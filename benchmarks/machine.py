@@ -11,14 +11,7 @@ import os
 
 import torch
 
-from igkd.provenance import environment
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # not available on this platform
-        return None
+from igkd.provenance import environment, load_average
 
 
 def machine_record(device, load_before: list[float] | None) -> dict:

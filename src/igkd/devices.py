@@ -22,10 +22,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA; a no-op context on CPU (fp32 there is faster and exact)."""
+#: ``cpu_bf16`` settings: which parts of a training step run in bf16 on a CPU (on CUDA, ``amp`` decides).
+CPU_BF16 = ("off", "teacher", "all")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles); elsewhere bf16 is emulated and slow."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def autocast(device: torch.device, enabled: bool = True, cpu: bool = False):
+    """bf16 autocast on CUDA; on a CPU only when ``cpu`` asks for it (fp32 is exact there, and on a
+    CPU without native bf16 also faster), else a no-op context."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and cpu and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -62,8 +75,9 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 def frozen_copy(model: torch.nn.Module, device: torch.device, bf16: bool = False) -> torch.nn.Module:
     """An inference-only copy of a frozen network (the teacher during distillation): eval mode, no
-    parameter gradients, BatchNorm folded into its convolutions, channels_last on ``device``, and on
-    CUDA with ``bf16`` the weights cast once, instead of autocast re-casting them every step."""
+    parameter gradients, BatchNorm folded into its convolutions, channels_last on ``device``, and with
+    ``bf16`` the weights cast once, instead of autocast re-casting them every step (call it under a bf16
+    autocast: the input statistics stay float, the convolutions after them run in bf16)."""
     import copy
 
     frozen = fold_batchnorm(copy.deepcopy(model).eval().requires_grad_(False))

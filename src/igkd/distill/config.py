@@ -35,7 +35,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from igkd.devices import CPU_BF16
 from igkd.errors import IgkdError
+
 
 METHODS: dict[str, dict] = {
     "student": {"alpha": 0.0, "p": 0.0, "gamma": 0.0},
@@ -153,6 +155,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    # bf16 on a CPU with native bf16 (AVX512-BF16/AMX; docs/training.md, "Precision"): off | teacher (the
+    # frozen teacher's forward, the KD targets) | all (also the student's forward); needs amp
+    cpu_bf16: str = "off"
     compile: bool = False
     eval_batch_size: int = 1000
     # before each evaluation, BatchNorm running statistics are recomputed from up to this many
@@ -274,6 +279,7 @@ def validate(config: TrainConfig) -> None:
         (config.lr > 0, f"lr must be positive, got {config.lr}"),
         (0 <= config.warmup_fraction <= 1, f"warmup_fraction must be in [0, 1], got {config.warmup_fraction}"),
         (config.warmup_epochs >= 0, f"warmup_epochs must be non-negative, got {config.warmup_epochs}"),
+        (config.cpu_bf16 in CPU_BF16, f"cpu_bf16 must be one of {', '.join(CPU_BF16)}, got {config.cpu_bf16!r}"),
         (config.bn_recalibration_images >= 0, f"bn_recalibration_images must be non-negative, got {config.bn_recalibration_images}"),
         (0 <= config.alpha <= 1, f"alpha must be in [0, 1], got {config.alpha}"),
         (config.temperature > 0, f"temperature must be positive, got {config.temperature}"),

@@ -158,8 +158,9 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
 
 
 @torch.no_grad()
-def recalibrate_with(model: nn.Module, forward: Callable, batches, device: torch.device, amp: bool = True) -> bool:
-    """:func:`recalibrate_batchnorm` of ``model``'s BatchNorms (plain or fused) by running ``forward`` on ``batches``."""
+def recalibrate_with(model: nn.Module, forward: Callable, batches, device: torch.device, amp: bool = True, cpu_bf16: bool = False) -> bool:
+    """:func:`recalibrate_batchnorm` of ``model``'s BatchNorms (plain or fused) by running ``forward`` on ``batches``
+    (in bf16 where the training step runs in it: ``amp`` on CUDA, ``cpu_bf16`` on a CPU)."""
     norms = _batchnorms(model)
     if not norms:
         return False
@@ -173,7 +174,7 @@ def recalibrate_with(model: nn.Module, forward: Callable, batches, device: torch
     ran = False
     try:
         for batch in batches:
-            with autocast(device, amp):
+            with autocast(device, amp, cpu=cpu_bf16):
                 forward(batch)
             ran = True
     finally:
@@ -245,7 +246,7 @@ def run_environment(device: torch.device) -> dict:
 #: Everything else (method, loss constants, overlay, seed, subset draw) is per member.
 COHORT_SHARED = (
     "student", "width", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_fraction",
-    "warmup_epochs", "epochs", "batch_size", "augment", "pad", "val_fraction", "split_seed", "subset", "device", "amp",
+    "warmup_epochs", "epochs", "batch_size", "augment", "pad", "val_fraction", "split_seed", "subset", "device", "amp", "cpu_bf16",
     "compile", "eval_batch_size", "bn_recalibration_images", "at_teacher_layer", "at_student_layer", "at_divider",
 )
 
@@ -277,6 +278,10 @@ class _Member:
         self.train_idx, self.val_idx, self.split_rule = split_plan(config, labels)
         self.generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + rank)  # its overlay draws
         self.start_epoch, self.wall_before = 1, 0.0
+
+
+#: The teacher's test accuracy by (weights' sha256, dataset fingerprint, batch size, device): a study's runs share one teacher.
+_TEACHER_TEST: dict[tuple, float] = {}
 
 
 def _distinct(keys: list) -> tuple[list[int], list[int]]:
@@ -367,7 +372,7 @@ class Trainer:
         self.teacher = None
         self.reference_teacher = prepare_model(teacher, self.device).eval() if teacher is not None else None
         if teacher is not None and any(c.uses_teacher for c in configs):
-            self.teacher = frozen_copy(teacher, self.device, bf16=self.config.amp and self.device.type == "cuda")
+            self.teacher = frozen_copy(teacher, self.device, bf16=self.config.amp and (self.device.type == "cuda" or self.config.cpu_bf16 != "off"))
         self.taps = None
         if any(c.gamma > 0 for c in configs):
             c = self.config
@@ -593,11 +598,11 @@ class Trainer:
             seen = x if len(self.teacher_members) == self.G else x.index_select(0, self._idx["teacher_members"])
         elif self.teacher is not None:
             seen = views.index_select(0, self._idx["teacher_views"]) if len(self.teacher_views) < len(views) else views
-        with autocast(self.device, self.config.amp):
+        with autocast(self.device, self.config.amp, cpu=self.config.cpu_bf16 == "all"):
             logits = self._forward(x)
             teacher_logits = None
             if self.teacher is not None:
-                with torch.inference_mode():
+                with torch.inference_mode(), autocast(self.device, self.config.amp, cpu=self.config.cpu_bf16 != "off"):
                     out = self.teacher(seen.flatten(0, 1).contiguous(memory_format=torch.channels_last))  # the views the students saw
                 teacher_logits = self._per_member(out.clone(), seen.shape[1])  # an ordinary tensor: the loss may keep it for backward
         losses = self.objective.logit_losses(logits, teacher_logits, y, epoch=self._epoch, **mixed)
@@ -631,14 +636,15 @@ class Trainer:
         outputs = []
         try:
             for x in self._member_batches(images, index, self.config.eval_batch_size):
-                with autocast(self.device, self.config.amp):
+                with autocast(self.device, self.config.amp, cpu=self.config.cpu_bf16 == "all"):
                     outputs.append(self._forward(x).float().cpu())
         finally:
             self.model.train(was_training)
         return torch.cat(outputs, 1)
 
     def _recalibrate(self) -> None:
-        """Fresh BatchNorm statistics for the current weights (see :func:`recalibrate_batchnorm`)."""
+        """Fresh BatchNorm statistics for the current weights (see :func:`recalibrate_batchnorm`): before each
+        validation, and before the test when no validation ran after the last epoch."""
         n = min(self.config.bn_recalibration_images, len(self.train_idx))
         if n == 0:
             return
@@ -646,7 +652,7 @@ class Trainer:
             spread = torch.linspace(0, len(self.train_idx) - 1, n).round().long()
             self._calibration = torch.stack([m.train_idx[spread] for m in self.members])
         batches = self._member_batches(self.dataset.train.images, self._calibration, self.config.eval_batch_size)
-        recalibrate_with(self.model, self._forward, batches, self.device, self.config.amp)
+        recalibrate_with(self.model, self._forward, batches, self.device, self.config.amp, cpu_bf16=self.config.cpu_bf16 == "all")
 
     def _evaluate(self, split: str) -> list[dict] | list[None]:
         """Each member's accuracy report on ``val`` (its own held-out part) or ``test``."""
@@ -674,7 +680,10 @@ class Trainer:
                 raise IgkdError(f"{', '.join(done)} finished already: leave finished runs out of a cohort")
         self._load_checkpoint()
         if self.reference_teacher is not None and self.teacher_test is None:
-            self.teacher_test = self.dataset_accuracy(self.reference_teacher)
+            key = (self.teacher_info.get("sha256"), self.dataset.fingerprint, self.config.eval_batch_size, str(self.device))
+            if key[0] is None or key not in _TEACHER_TEST:
+                _TEACHER_TEST[key] = self.dataset_accuracy(self.reference_teacher)
+            self.teacher_test = _TEACHER_TEST[key]
             if self.show_progress and self.dist.is_main:
                 print(f"teacher test accuracy: {self.teacher_test:.2f}%", file=sys.stderr)
         started = time.perf_counter()
@@ -708,7 +717,8 @@ class Trainer:
             else:
                 totals, seen_total = list(zip(loss_sum.tolist(), correct.tolist())), seen
             epoch_time = time.perf_counter() - tick
-            self._recalibrate()
+            if len(self.val_idx):  # without a validation part, the statistics are recomputed once, for the test
+                self._recalibrate()
             vals = self._evaluate("val")
             wall = self.wall_before + time.perf_counter() - started
             records = []
@@ -748,6 +758,8 @@ class Trainer:
         raise IgkdError(f"the training loss{whose} became NaN/inf in epoch {epoch} (by step {step + 1}); {kept} {where}. Lower --lr or check the inputs")
 
     def _finish(self, wall: float) -> list[dict]:
+        if not len(self.val_idx):
+            self._recalibrate()  # no epoch recomputed them (a checkpoint written after one holds them)
         vals, tests = self._evaluate("val"), self._evaluate("test")
         summaries = []
         for g, (m, val, test) in enumerate(zip(self.members, vals, tests)):

@@ -36,15 +36,21 @@ from igkd.errors import IgkdError
 STAGES = ("teacher", "ig", "ablation", "montecarlo", "sweep", "report")
 PACK_LIMIT = 16 * 2**20 - 2**19  # what comes back from a GPU job: 16 MiB a file (half a MiB kept for the tar itself)
 STATE_FILE = "reproduce.json"
+PRECISION_FILE = "precision.json"
 
 
 class BudgetSpent(Exception):
     """The next unit of work would not finish inside ``--budget``."""
 
 
+PROFILES = ("paper", "cpu")
+
+
 @dataclass
 class Settings:
-    """What each stage trains. ``full()`` is the paper's scale; ``quick()`` every stage in seconds (CI)."""
+    """What each stage trains, by profile: ``paper`` (the paper's scale, for a GPU), ``cpu`` (the same
+    stages sized for two CPU cores in under 2 hours, docs/results/cpu), each also ``quick`` (every stage
+    tiny, seconds on a CPU: checks the path, no result)."""
 
     dataset: str
     teacher: dict
@@ -62,6 +68,58 @@ class Settings:
     latency_repeats: int
     per_class: tuple[int, int] | None = None  # (train, test) images kept per class; None = all
     margin: float = 1.3  # an epoch is expected to take up to this times the last one
+    profile: str = "paper"
+    ablation_methods: str = ",".join(PAPER_METHODS)
+    student_recipe: str = "paper"
+    students_per_class: int | None = None  # students (and so the IG maps) use the first N training images per class; the teacher all
+    choose_cpu_bf16: bool = False  # on a CPU, time bf16 against fp32 before the students train (igkd.distill.precision)
+
+    @classmethod
+    def of(cls, profile: str, dataset: str, quick: bool) -> "Settings":
+        if profile not in PROFILES:
+            raise IgkdError(f"unknown --profile {profile!r}: use {' or '.join(PROFILES)}")
+        if profile == "cpu":
+            return cls.cpu_quick(dataset) if quick else cls.cpu(dataset)
+        return cls.quick(dataset) if quick else cls.full(dataset)
+
+    @classmethod
+    def cpu(cls, dataset: str) -> "Settings":
+        """Two CPU cores, under 2 hours (measured speeds and the arithmetic: docs/results/cpu/README.md)."""
+        common = {"batch_size": 64, "lr": 0.05, "width": 0.5, "val_fraction": 0.0, "bn_recalibration_images": 5000}
+        return cls(
+            dataset=dataset,
+            profile="cpu",
+            teacher={**common, "epochs": 8},  # all 50,000 training images, the teacher recipe (SGD + Nesterov, cosine, smoothing)
+            ig_steps=8,
+            student="k5",
+            student_overrides={**common, "epochs": 6},
+            student_recipe="improved",
+            students_per_class=1000,
+            ablation_methods="student,kd,ig,kd_ig,kd_shuffled",
+            ablation_seeds=3,
+            mc_methods="",
+            mc_runs=0,
+            mc_subset=0.8,
+            sweep_students="",
+            sweep_methods="",
+            sweep_seeds=0,
+            latency_batch_sizes=(1, 64),
+            latency_repeats=50,
+            choose_cpu_bf16=True,
+        )
+
+    @classmethod
+    def cpu_quick(cls, dataset: str) -> "Settings":
+        """The cpu profile's path (teacher on all, students on a per-class subset, five methods, bf16 probe), tiny."""
+        settings = cls.cpu(dataset)
+        settings.teacher = {"epochs": 2, "batch_size": 64, "lr": 0.05, "width": 0.25, "val_fraction": 0.0, "bn_recalibration_images": 200}
+        settings.ig_steps = 2
+        settings.student = "k17"
+        settings.student_overrides = {"epochs": 1, "batch_size": 64, "width": 0.25, "val_fraction": 0.0, "bn_recalibration_images": 200}
+        settings.per_class, settings.students_per_class = (24, 8), 12
+        settings.ablation_seeds = 2
+        settings.latency_batch_sizes, settings.latency_repeats = (1,), 20
+        return settings
 
     @classmethod
     def full(cls, dataset: str) -> "Settings":
@@ -162,6 +220,8 @@ class Reproduction:
         self.out, self.settings, self.data, self.data_dir, self.cohort_size = out, settings, data, data_dir, cohort_size
         self.device, self.budget, self.teacher_given, self.progress = device, budget, teacher, progress
         self.times: dict[str, float] = {}
+        # the teacher trains on all training images; the students (and so the IG maps) on the first N per class
+        self.student_data = data if settings.students_per_class is None else first_per_class(data, settings.students_per_class, None)
 
     # -- budget hooks ----------------------------------------------------------------------
     def _epoch_hook(self, stage: str):
@@ -203,16 +263,45 @@ class Reproduction:
         from igkd.distill.run import load_teacher
 
         model, info = load_teacher(self.teacher_path)
-        cache = compute_attributions(model, self.data, self.out / "ig", n_steps=self.settings.ig_steps, baseline="black", target="label",
+        cache = compute_attributions(model, self.student_data, self.out / "ig", n_steps=self.settings.ig_steps, baseline="black", target="label",
                                      device=self.device, teacher_sha256=info["sha256"], progress=self.progress, on_chunk=self._chunk_hook("ig"))
-        return {"images": cache.manifest["n"], "precision": cache.manifest.get("precision"), "images_per_s": cache.manifest.get("images_per_s")}
+        return {"images": cache.manifest["n"], "steps": self.settings.ig_steps, "precision": cache.manifest.get("precision"),
+                "images_per_s": cache.manifest.get("images_per_s"), "completeness": cache.manifest.get("completeness")}
+
+    def precision(self) -> dict | None:
+        """The students' ``cpu_bf16`` (``out/precision.json``): measured once on the first student stage, then
+        read back, so that every run of the reproduction, resumed or not, trains with the same choice."""
+        from igkd.devices import resolve_device
+
+        if not self.settings.choose_cpu_bf16 or resolve_device(self.device).type != "cpu":
+            return None
+        path = self.out / PRECISION_FILE
+        found = read_json_object(path)
+        if found is not None:
+            return found
+        from igkd.distill import resolve_config
+        from igkd.distill.precision import bf16_effect, choose_cpu_bf16
+        from igkd.distill.run import load_teacher
+        from igkd.models import build_model
+
+        teacher, _ = load_teacher(self.teacher_path)
+        overrides = self.settings.student_overrides
+        student = build_model(self.settings.student, num_classes=self.data.num_classes, width=overrides.get("width", 1.0))
+        choice = choose_cpu_bf16(teacher, student, batch_size=overrides.get("batch_size", 64), image_size=tuple(self.data.test.images.shape[-2:]))
+        temperature = resolve_config("kd").temperature
+        choice["teacher_test"] = bf16_effect(teacher, self.data.test.images, self.data.test.labels, temperature=temperature)
+        atomic_write_json(path, choice)
+        return choice
 
     def _options(self, stage: str):
         from igkd.experiments.studies import StudyOptions
 
         overrides = dict(self.settings.student_overrides)
+        precision = self.precision()
+        if precision is not None:
+            overrides["cpu_bf16"] = precision["cpu_bf16"]
         return StudyOptions(
-            teacher=self.teacher_path, attributions=self.out / "ig", recipe="paper", device=self.device, progress=self.progress,
+            teacher=self.teacher_path, attributions=self.out / "ig", recipe=self.settings.student_recipe, device=self.device, progress=self.progress,
             epochs=overrides.pop("epochs", None), batch_size=overrides.pop("batch_size", None), lr=overrides.pop("lr", None),
             config_values=overrides or None, on_epoch_end=self._epoch_hook(stage),
             cohort_size=self.cohort_size, time_left=self.budget.left if self.budget.seconds is not None else None,
@@ -221,21 +310,25 @@ class Reproduction:
     def ablation(self) -> dict:
         from igkd.experiments.studies import run_ablation
 
-        study = run_ablation(self.data, self.out / "ablation", methods=",".join(PAPER_METHODS), seeds=self.settings.ablation_seeds,
+        study = run_ablation(self.student_data, self.out / "ablation", methods=self.settings.ablation_methods, seeds=self.settings.ablation_seeds,
                              student=self.settings.student, options=self._options("ablation"))
         return _finished(study)
 
     def montecarlo(self) -> dict:
         from igkd.experiments.studies import run_montecarlo
 
-        study = run_montecarlo(self.data, self.out / "montecarlo", methods=self.settings.mc_methods, runs=self.settings.mc_runs, subset=self.settings.mc_subset,
+        if not self.settings.mc_runs:
+            return {"skipped": f"not part of the {self.settings.profile} profile"}
+        study = run_montecarlo(self.student_data, self.out / "montecarlo", methods=self.settings.mc_methods, runs=self.settings.mc_runs, subset=self.settings.mc_subset,
                                student=self.settings.student, options=self._options("montecarlo"))
         return _finished(study)
 
     def sweep(self) -> dict:
         from igkd.experiments.studies import run_sweep
 
-        study = run_sweep(self.data, self.out / "sweep", students=self.settings.sweep_students, methods=self.settings.sweep_methods,
+        if not self.settings.sweep_students:
+            return {"skipped": f"not part of the {self.settings.profile} profile"}
+        study = run_sweep(self.student_data, self.out / "sweep", students=self.settings.sweep_students, methods=self.settings.sweep_methods,
                           seeds=self.settings.sweep_seeds, options=self._options("sweep"))
         return _finished(study)
 
@@ -253,8 +346,8 @@ class Reproduction:
         atomic_write_json(self.out / "latency.json", latency)
         studies = [self.out / name for name in ("ablation", "montecarlo", "sweep") if (self.out / name / "study.json").exists()]
         if studies:
-            build_report(studies, self.out / "report", data_dir=self.data_dir, latency=self.out / "latency.json", device=self.device)
-        tables = paper_tables(self.out)
+            build_report(studies, self.out / "report", data_dir=self.data_dir, latency=self.out / "latency.json", device=self.device, dataset=self.student_data)
+        tables = paper_tables(self.out, self.settings)
         atomic_write_text(self.out / "paper-vs-ours.md", tables)
         return {"models_timed": len(entries), "studies_reported": len(studies)}
 
@@ -303,8 +396,9 @@ def _accuracies(out: Path, study: str) -> dict[str, list[float]]:
     return by_method
 
 
-def paper_tables(out: Path) -> str:
-    """Markdown: Table 3 and the Monte Carlo table, the paper's numbers beside ours."""
+def paper_tables(out: Path, settings: Settings | None = None) -> str:
+    """Markdown: Table 3 and the Monte Carlo table, the paper's numbers beside ours (and, for a profile other
+    than the paper's, what it changes)."""
     paper = paper_results()
     teacher = read_json_object(out / "teacher" / "summary.json") or {}
     lines = [
@@ -316,6 +410,10 @@ def paper_tables(out: Path) -> str:
         f"Teacher: paper {paper['teacher_test_accuracy']:.2f}%, ours "
         + (f"{teacher['test_accuracy']:.2f}% ({teacher.get('epochs')} epochs)" if teacher.get("test_accuracy") is not None else "not trained here"),
         "",
+    ]
+    if settings is not None and settings.profile != "paper":
+        lines += profile_differences(out, settings)
+    lines += [
         "## Table 3 (k5 student, 4.12x fewer parameters)",
         "",
         f"Paper: {paper['table3_note']}.",
@@ -328,6 +426,10 @@ def paper_tables(out: Path) -> str:
         acc = ours.get(method, [])
         mean, sd = _mean_sd(acc) if acc else (None, None)
         lines.append(f"| {method} | {value:.2f} | {_fmt(mean)} | {_fmt(sd)} | {_fmt(max(acc) if acc else None)} | {len(acc)} |")
+    for method, acc in ours.items():  # controls the paper did not run (e.g. kd_shuffled)
+        if method not in paper["table3_best_run"]:
+            mean, sd = _mean_sd(acc)
+            lines.append(f"| {method} (not in the paper) | - | {_fmt(mean)} | {_fmt(sd)} | {_fmt(max(acc))} | {len(acc)} |")
     lines += ["", "## Monte Carlo (stratified 80% subsets)", "", f"Paper: {paper['montecarlo_note']}.", "",
               "| method | paper mean | paper sd | ours mean | ours sd | runs |", "|---|---:|---:|---:|---:|---:|"]
     ours = _accuracies(out, "montecarlo")
@@ -337,6 +439,47 @@ def paper_tables(out: Path) -> str:
         lines.append(f"| {method} | {mean_p:.2f} | {sd_p:.2f} | {_fmt(mean)} | {_fmt(sd)} | {len(acc)} |")
     lines += ["", "Statistics (paired t-tests, Holm): `igkd stats --study <folder>`; the full report: `report/report.md`.", ""]
     return "\n".join(lines)
+
+
+def profile_differences(out: Path, settings: Settings) -> list[str]:
+    """What this profile changes from the paper's protocol, read from the files the run wrote (the teacher's and
+    a student's summary and config, the IG stage's result, ``precision.json``), not from what was asked."""
+    state = read_json_object(out / STATE_FILE) or {}
+    data = state.get("data") or {}
+    ig = (state.get("stages", {}).get("ig") or {}).get("result") or {}
+    completeness = ig.get("completeness") or {}
+    precision = read_json_object(out / PRECISION_FILE)
+    teacher = read_json_object(out / "teacher" / "summary.json") or {}
+    runs = sorted((out / "ablation" / "runs").glob("*/summary.json")) if (out / "ablation" / "runs").is_dir() else []
+    student = (read_json_object(runs[0]) or {}) if runs else {}
+    tc, sc = teacher.get("config") or {}, student.get("config") or {}
+
+    def recipe(c: dict) -> str:
+        if not c:
+            return "not trained yet"
+        return (f"{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}, {c['optimizer'].upper()}{' + Nesterov' if c.get('nesterov') else ''} "
+                f"lr {c['lr']:g}, {c['schedule']} schedule, batch {c['batch_size']}, weight decay {c['weight_decay']:g}, label smoothing {c['label_smoothing']:g}")
+
+    def count(value) -> str:
+        return f"{value:,}" if isinstance(value, int) else "?"
+
+    rows = [
+        ("data", "original CIFAR-10 pixels", f"{data.get('source', '?')}; every accuracy on all {count(data.get('test'))} test images"),
+        ("teacher", "MobileNetV2-CIFAR width 1.0, 2,236,682 parameters", f"width {tc.get('width', '?')}, {count(teacher.get('params'))} parameters"),
+        ("teacher training", "its own recipe, 50,000 images", f"{recipe(tc)}; {count(teacher.get('train_size'))} images (all)"),
+        ("student", "k5, width 1.0, 543,498 parameters", f"{sc.get('student', settings.student)}, width {sc.get('width', '?')}, {count(student.get('params'))} parameters"),
+        ("student training", "Adam lr 0.001, 100 epochs, batch 64, 50,000 images",
+         f"{recipe(sc)}; {count(student.get('train_size'))} images (the first {settings.students_per_class} of each class)"),
+        ("IG maps", "50 steps, every training image",
+         f"{settings.ig_steps} Gauss-Legendre steps, every image the students train on ({count(ig.get('images'))})"
+         + (f"; completeness error: mean abs(delta) / mean abs(F(x) - F(0)) = {completeness['relative']:.3g}" if completeness.get("relative") is not None else "")),
+        ("methods x seeds", "8 methods x 5 seeds", f"{settings.ablation_methods.replace(',', ', ')} x {settings.ablation_seeds} paired seeds"),
+        ("Monte Carlo, sweep", "10 runs x 8 methods; k3 ... k17", "not run in this profile" if not settings.mc_runs else "as the paper"),
+        ("precision", "fp32 (GPU)", f"cpu_bf16 = {precision['cpu_bf16']} (bf16/fp32 speed: {precision.get('gain')}; {PRECISION_FILE})" if precision else "fp32"),
+    ]
+    lines = [f"## What the {settings.profile} profile changes", "", "| | paper | this run |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return lines + [""]
 
 
 def _fmt(value: float | None) -> str:
@@ -349,11 +492,14 @@ def _fmt(value: float | None) -> str:
 def run_reproduce(
     out: Path, *, dataset: str = "folder", data_dir=None, budget: str | None = None, stages: str | None = None, quick: bool = False,
     teacher: Path | None = None, device: str = "auto", results: Path | None = None, progress: bool = True, cohort_size: int | None = None,
+    profile: str = "paper",
 ) -> dict:
     """Run the chosen stages in order until done or out of budget; returns the state (also ``out/reproduce.json``)."""
     from igkd.data import load_dataset
     from igkd.devices import resolve_device
     from igkd.distill.executor import NotEnoughTime, check_cohort_size
+    from igkd.experiments.studies import now
+    from igkd.provenance import environment, git_sha, load_average, machine_facts
 
     out = Path(out)
     chosen = parse_stages(stages)
@@ -364,14 +510,21 @@ def run_reproduce(
     if out.exists() and not out.is_dir():
         raise IgkdError(f"--out {out} is a file: give a folder for the reproduction")
     out.mkdir(parents=True, exist_ok=True)
-    settings = Settings.quick(dataset) if quick else Settings.full(dataset)
+    settings = Settings.of(profile, dataset, quick)
     state = read_json_object(out / STATE_FILE) or {"format": "igkd-reproduce", "stages": {}}
     if state.get("quick", quick) != quick:
         raise IgkdError(f"{out} holds a {'--quick' if state['quick'] else 'full'} reproduction: use the same mode, or another --out")
-    state["quick"] = quick
+    if state.get("profile", "paper") != profile and state["stages"]:
+        raise IgkdError(f"{out} holds a reproduction of --profile {state.get('profile', 'paper')}: use the same profile, or another --out")
+    state["quick"], state["profile"] = quick, profile
+    session = {"started": now(), "machine": machine_facts(), "command": environment("cpu")["command"], "git_sha": git_sha()}
+    state.setdefault("sessions", []).append(session)
+    session_tick = time.perf_counter()
     data = load_dataset(dataset, data_dir, progress=progress)
+    session["data_load_s"] = round(time.perf_counter() - session_tick, 1)
     if settings.per_class is not None:
         data = first_per_class(data, *settings.per_class)
+    state["data"] = {"name": data.name, "source": data.source, "fingerprint": data.fingerprint, "train": len(data.train), "test": len(data.test)}
     job = Reproduction(out, settings, data, data_dir=data_dir, device=device, budget=clock, teacher=teacher, progress=progress,
                        cohort_size=check_cohort_size(cohort_size))
     say = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
@@ -405,6 +558,8 @@ def run_reproduce(
     if results is not None:
         export_results(out, Path(results))
     state["stopped_at"] = None if stopped is None else {"stage": stopped[0], "name": stopped[1]}
+    session.update(wall_s=round(time.perf_counter() - session_tick, 1), load_average_at_end=load_average())
+    state["wall_s"] = round(sum(s.get("wall_s", 0.0) for s in state["sessions"]), 1)
     atomic_write_json(out / STATE_FILE, state)
     if stopped is not None:
         print(f"stopped at stage {stopped[0]} ({stopped[1]}) to stay inside --budget {budget}: resume with the same command", file=sys.stderr)
@@ -420,13 +575,16 @@ def _redo(stage: str, out: Path, state: dict, later: list[str], worked: bool) ->
     return stage == "report" and worked
 
 
-def first_per_class(data, n_train: int, n_test: int):
-    """The first ``n_train`` / ``n_test`` images of each class (a smaller dataset with its own fingerprint)."""
+def first_per_class(data, n_train: int, n_test: int | None):
+    """The first ``n_train`` / ``n_test`` images of each class (a smaller dataset with its own fingerprint);
+    ``n_test`` None keeps the whole test split."""
     import torch
 
     from igkd.data.dataset import Dataset, content_fingerprint
 
     def keep(images, n):
+        if n is None:
+            return images
         idx = torch.cat([torch.nonzero(images.labels == c).flatten()[:n] for c in range(len(data.classes))]).sort().values
         return images.subset(idx)
 
@@ -550,6 +708,7 @@ def register(app) -> None:
         pack_file: Optional[Path] = typer.Option(None, "--pack", help="Write the small results of --out into this .tar.gz (< 16 MiB) and exit."),
         unpack_file: Optional[Path] = typer.Option(None, "--unpack", help="Restore a pack into --out (to continue there) and exit."),
         cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help="Runs trained at once as one fused network (1 = run by run; default: 1 on CPU, as many as fit on a GPU)."),
+        profile: str = typer.Option("paper", help="paper (the paper's scale, a GPU) or cpu (the same stages sized for 2 CPU cores in < 2 h; docs/results/cpu)."),
     ) -> None:
         """Reproduce the paper: teacher, IG maps, ablation, Monte Carlo, sweep, latency and report; resumable, budgeted."""
         if pack_file is not None and unpack_file is not None:
@@ -566,7 +725,7 @@ def register(app) -> None:
         if dataset == "folder" and data_dir is None:
             raise IgkdError("--data-dir is needed: CIFAR-10 as an image folder or archive (e.g. cifar10-jpeg.tar.gz), or use --dataset digits --quick")
         state = run_reproduce(out, dataset=dataset, data_dir=data_dir, budget=budget, stages=stages, quick=quick, teacher=teacher,
-                              device=device, results=results, cohort_size=cohort_size)
+                              device=device, results=results, cohort_size=cohort_size, profile=profile)
         done = [name for name in STAGES if state["stages"].get(name, {}).get("done")]
         print(f"{out}: stages done: {', '.join(done) or 'none'}" + ("" if state.get("stopped_at") else "; nothing left to run" if len(done) == len(STAGES) else ""))
         if state.get("stopped_at"):

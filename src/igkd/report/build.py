@@ -21,8 +21,9 @@ MAX_IMAGES = 10  # columns of the IG grid (one image per class)
 ATTENTION_IMAGES = 6
 
 
-def build_report(studies: list, out, *, data_dir=None, latency=None, evaluations=(), device: str = "cpu") -> dict:
-    """Write ``out/report.md``, ``out/report.json`` and the PNGs for ``studies``; returns the report dict."""
+def build_report(studies: list, out, *, data_dir=None, latency=None, evaluations=(), device: str = "cpu", dataset=None) -> dict:
+    """Write ``out/report.md``, ``out/report.json`` and the PNGs for ``studies``; returns the report dict.
+    ``dataset``: the studies' data already in memory (used where its fingerprint is theirs), else loaded from ``data_dir``."""
     from igkd.devices import resolve_device
     from igkd.experiments.studies import load_study, now
     from igkd.provenance import environment
@@ -47,7 +48,7 @@ def build_report(studies: list, out, *, data_dir=None, latency=None, evaluations
         "latency": latency_numbers,
         "evaluation": evaluation,
     }
-    cache: dict = {}  # datasets and teachers, loaded once per report however many studies share them
+    cache: dict = {} if dataset is None else {("dataset", dataset.name): dataset}  # datasets and teachers, loaded once per report
     for i, study in enumerate(loaded, 1):
         name = f"s{i}-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(study["path"]).resolve().name)
         report["studies"].append(study_section(study, name, out, data_dir, target, cache))

@@ -118,6 +118,7 @@ def statistics(stats: dict, cap: str, what: str = "test accuracy") -> str:
             rows.append(row)
         header = ["comparison", "n", "mean diff", level, "t", "df", "p", "p Holm", effect] + (["Wilcoxon p", "Wilcoxon p Holm"] if paired else [])
         text.append(f"{title} (Holm over {stats['holm_families'][family]}):\n\n" + table(header, rows))
+        text.append(verdict(stats[family]))
     notes = sorted(({c.get("reason") for c in stats["all_pairs"]} | {(c.get("wilcoxon") or {}).get("reason") for c in stats["all_pairs"]}) - {None})
     text += [f"_Note: some tests gave no p-value: {n}._" for n in notes]
     dropped = stats.get("study", {}).get("runs_dropped") or stats.get("runs_dropped")
@@ -125,6 +126,18 @@ def statistics(stats: dict, cap: str, what: str = "test accuracy") -> str:
         text.append(f"_Left out of the paired tests (their partner runs are not finished): {', '.join(dropped)}._")
     text.append(cap[:-2] + f"; {stats['pairing']}._")
     return "\n\n".join(text)
+
+
+def verdict(comparisons: list[dict], level: float = 0.05) -> str:
+    """The table's conclusion in words: which differences are significant after Holm at ``level``, which are not."""
+    significant = [f"{c['b']} − {c['a']} ({num(c['mean_difference'])})" for c in comparisons if c.get("p_holm") is not None and c["p_holm"] < level]
+    not_significant = [f"{c['b']} − {c['a']}" for c in comparisons if c.get("p_holm") is None or c["p_holm"] >= level]
+    parts = []
+    if significant:
+        parts.append(f"significant at {level:g} after Holm's correction: {', '.join(significant)}")
+    if not_significant:
+        parts.append(f"**not significant** at {level:g} after Holm's correction (no difference shown): {', '.join(not_significant)}")
+    return "In words: " + "; ".join(parts) + "."
 
 
 def agreement(agr: dict | None, cap: str) -> str:
