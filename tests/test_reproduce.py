@@ -107,3 +107,36 @@ def test_budget_and_stage_parsing():
             parse_budget(bad)
     with pytest.raises(IgkdError, match="unknown stage"):
         parse_stages("9")
+
+
+@pytest.mark.slow
+def test_cpu_profile_quick_trains_the_teacher_on_all_and_the_students_on_their_subset(tmp_path, capsys):
+    """--profile cpu, tiny: the teacher sees every training image, the students and the IG maps the first N
+    per class, five methods x 2 paired seeds, bf16 chosen by timing and recorded, and the report says
+    what the profile changes; another profile on the same folder is refused."""
+    from igkd.devices import CPU_BF16
+    from igkd.experiments.studies import load_study
+
+    out = tmp_path / "cpu"
+    assert run(quick(out, "--profile", "cpu")) == 0
+    done = state(out)
+    assert done["profile"] == "cpu" and all(done["stages"][name]["done"] for name in STAGES)
+    assert done["stages"]["montecarlo"]["result"] == {"skipped": "not part of the cpu profile"}
+    session = done["sessions"][-1]
+    assert session["machine"]["threads"] >= 1 and session["wall_s"] > 0 and "cpu_capability" in session["machine"]
+    teacher = json.loads((out / "teacher" / "summary.json").read_text())
+    assert teacher["train_size"] == done["data"]["train"] == 240 and teacher["val_size"] == 0  # all 24 per class
+    assert json.loads((out / "ig" / "manifest.json").read_text())["n"] == 120  # the students' 12 per class
+    finished = [r for r in load_study(out / "ablation")["runs"] if r["status"] == "finished"]
+    assert sorted({r["method"] for r in finished}) == ["ig", "kd", "kd_ig", "kd_shuffled", "student"] and len(finished) == 10
+    summary = finished[0]["summary"]
+    assert summary["train_size"] == 120 and summary["config"]["recipe"] == "improved"
+    precision = json.loads((out / "precision.json").read_text())
+    assert precision["cpu_bf16"] in CPU_BF16 and summary["config"]["cpu_bf16"] == precision["cpu_bf16"]
+    assert precision["teacher_test"]["images"] == done["data"]["test"]
+    tables = (out / "paper-vs-ours.md").read_text()
+    assert "What the cpu profile changes" in tables and "kd_shuffled (not in the paper)" in tables
+    assert "In words:" in (out / "report" / "report.md").read_text()
+    capsys.readouterr()
+    assert run(quick(out)) != 0  # the paper profile on the cpu profile's folder
+    assert "holds a reproduction of --profile cpu" in capsys.readouterr().err
