@@ -30,5 +30,8 @@ def test_demo_runs_offline_and_writes_its_report(tmp_path, capsys):
 
     report = (out / "report.md").read_text()
     assert f"{result['kd_ig_test_accuracy']:.2f}%" in report and "![IG overlay](ig_overlay.png)" in report
+    machine = result["machine"]  # what makes two machines' demos differ, printed and in the report
+    assert machine["cpu_capability"] and machine["threads"] >= 1 and set(machine["load_average_1_5_15_min"]) == {"start", "end"}
+    assert f"PyTorch CPU kernels {machine['cpu_capability']}" in report and "machine: " in printed
     with Image.open(out / "ig_overlay.png") as figure:
         assert figure.width > 500 and figure.height > 200 and len(np.unique(np.asarray(figure.convert("L")))) > 10

@@ -36,11 +36,12 @@ def run_demo(
     from igkd.data import load_dataset
     from igkd.distill import resolve_config, run_training
     from igkd.distill.run import load_teacher
-    from igkd.provenance import environment
+    from igkd.provenance import environment, load_average, machine_facts
     from igkd.report.figures import one_per_class, overlay_grid
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    machine = machine_facts()  # float32 rounding (so the accuracies) depends on these; the wall time on the load
     say = print if progress else (lambda *a, **k: None)
     data = load_dataset("digits")
     say(f"[1/5] dataset digits: {len(data.train)} train / {len(data.test)} test images, 32x32x3")
@@ -87,10 +88,20 @@ def run_demo(
         "settings": {"teacher_epochs": teacher_epochs, "student_epochs": student_epochs, "width": width, "student_lr": student_lr,
                      "student_batch_size": student_batch_size, "ig_steps": ig_steps, "seed": seed, "device": device},
         "environment": environment(device),
+        "machine": {**machine, "load_average_1_5_15_min": {"start": machine["load_average_1_5_15_min"], "end": load_average()}},
     }
     atomic_write_json(out / "demo.json", result)
     atomic_write_text(out / "report.md", _report(result, figure.name))
     return result
+
+
+def machine_line(m: dict) -> str:
+    """One line of the facts that make a CPU result differ between machines."""
+    load = m["load_average_1_5_15_min"]
+    start, end = (load.get("start"), load.get("end")) if isinstance(load, dict) else (load, None)
+    first = lambda values: "?" if not values else f"{values[0]:.2f}"  # noqa: E731 (the 1-minute average)
+    return (f"{m['cpu']}, PyTorch CPU kernels {m['cpu_capability']}{', native bf16' if m['native_bf16'] else ''}, {m['threads']} threads "
+            f"on {m['cpu_count']} cores, load average {first(start)} at the start and {first(end)} at the end")
 
 
 def _report(r: dict, figure: str) -> str:
@@ -100,6 +111,10 @@ def _report(r: dict, figure: str) -> str:
 Data: scikit-learn digits (1,797 8x8 images upscaled to 32x32x3: {r['train_size']:,} train / {r['test_size']:,} test; seed {s['seed']}),
 device {r['environment']['device_name']},
 igkd {r['environment']['igkd']} ({r['environment']['git_sha'] or 'no git'}), torch {r['environment']['torch']}. Wall time {r['wall_time_s']:.0f} s.
+
+Machine: {machine_line(r['machine'])}. The same seed gives other accuracies on a CPU with other vector
+units or at another thread count (float32 rounding compounds over training), and another wall time under
+another load: compare two demos only with these facts beside them.
 
 | model | parameters | test accuracy |
 |---|---|---|
@@ -142,4 +157,5 @@ def register(app: typer.Typer) -> None:
             return
         print(f"\nteacher {result['teacher_test_accuracy']:.2f}% | Student {result['student_test_accuracy']:.2f}% | "
               f"KD_IG {result['kd_ig_test_accuracy']:.2f}% (test accuracy, digits) in {result['wall_time_s']:.0f} s")
+        print(f"machine: {machine_line(result['machine'])}")
         print(f"report: {out / 'report.md'}\nfigure: {out / 'ig_overlay.png'}\nruns:   {out}/teacher, {out}/student, {out}/kd_ig")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 from typing import Iterator
 
 from rich.console import Console
@@ -50,16 +52,48 @@ class _Bar:
             self._progress.reset(self._task, total=total, description=description, items=0)
 
 
+class _LogLines(_Bar):
+    """Where no bar can be drawn (a log file of a background job): one plain line at most every ``every`` seconds."""
+
+    def __init__(self, total: int, description: str, unit: str, every: float):
+        super().__init__(None, None)
+        self.total, self.description, self.unit, self.every = total, description, unit, every
+        self.done, self.started = 0, time.perf_counter()
+        self.printed = self.started
+
+    def advance(self, steps: int = 1, items: int = 0, **fields) -> None:
+        super().advance(steps, items)
+        self.done += steps
+        now = time.perf_counter()
+        if now - self.printed >= self.every:
+            self.printed = now
+            rate = self.items / (now - self.started) if self.items else 0.0
+            print(f"{self.description}: {self.done:,}/{self.total:,} after {now - self.started:,.0f} s"
+                  + (f", {rate:,.0f} {self.unit}/s" if rate else ""), file=sys.stderr, flush=True)
+
+    def reset(self, total: int, description: str) -> None:
+        self.items, self.done, self.total, self.description = 0, 0, total, description
+        self.started = self.printed = time.perf_counter()
+
+
+#: Seconds between the plain progress lines written where stderr is not a terminal.
+LOG_EVERY_S = 60.0
+
+
 @contextlib.contextmanager
 def progress_bar(total: int, description: str, unit: str = "img", enabled: bool = True) -> Iterator[_Bar]:
     """``with progress_bar(n, "epoch 1") as bar: bar.advance(1, items=batch_size)``.
 
-    Drawn on stderr and only on a terminal, so stdout stays clean for ``--json``. ``unit="bytes"`` shows sizes and
-    transfer speed (downloads) instead of a count and a rate.
+    Drawn on stderr, so stdout stays clean for ``--json``; where stderr is not a terminal (a background job's
+    log), a plain line every :data:`LOG_EVERY_S` seconds instead. ``unit="bytes"`` shows sizes and transfer speed
+    (downloads) instead of a count and a rate.
     """
     console = Console(stderr=True)
-    if not (enabled and console.is_terminal):  # no bar in logs and pipes: metrics and summaries carry the numbers
+    if not enabled:
         yield _Bar(None, None)
+        return
+    if not console.is_terminal:
+        yield _LogLines(total, description, unit, LOG_EVERY_S)
         return
     if unit == "bytes":
         columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
