@@ -11,7 +11,8 @@ import pytest
 
 from igkd.cli import main
 from igkd.errors import IgkdError
-from igkd.experiments.reproduce import STAGES, Budget, BudgetSpent, pack, parse_budget, parse_stages, unpack
+from igkd.experiments.pack import pack, unpack
+from igkd.experiments.reproduce import STAGES, Budget, BudgetSpent, parse_budget, parse_stages
 
 
 def run(argv: list[str]) -> int:
