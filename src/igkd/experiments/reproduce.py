@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from igkd.atomic import atomic_write_json, atomic_write_text, read_json_object
+from igkd.atomic import atomic_write_json, atomic_write_text, load_json, read_json_object
 from igkd.distill.config import PAPER_METHODS
 from igkd.errors import IgkdError
 from igkd.experiments.pack import STATE_FILE, export_results, pack, unpack
 
 STAGES = ("teacher", "ig", "ablation", "montecarlo", "sweep", "report")
+STATE_FORMAT = "igkd-reproduce"
 
 
 class BudgetSpent(Exception):
@@ -200,8 +201,11 @@ class Reproduction:
         from igkd.distill.run import load_teacher
 
         model, info = load_teacher(self.teacher_path)
+        # A restored pack holds the manifest (or a build's progress) but never the maps: then they are built again.
+        rebuild = not any((self.out / "ig" / name).exists() for name in ("maps.npy", "maps.partial.npy"))
         cache = compute_attributions(model, self.data, self.out / "ig", n_steps=self.settings.ig_steps, baseline="black", target="label",
-                                     device=self.device, teacher_sha256=info["sha256"], progress=self.progress, on_chunk=self._chunk_hook("ig"))
+                                     device=self.device, teacher_sha256=info["sha256"], progress=self.progress, on_chunk=self._chunk_hook("ig"),
+                                     force=rebuild)
         return {"images": cache.manifest["n"], "precision": cache.manifest.get("precision"), "images_per_s": cache.manifest.get("images_per_s")}
 
     def _options(self, stage: str):
@@ -362,7 +366,7 @@ def run_reproduce(
         raise IgkdError(f"--out {out} is a file: give a folder for the reproduction")
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings.quick(dataset) if quick else Settings.full(dataset)
-    state = read_json_object(out / STATE_FILE) or {"format": "igkd-reproduce", "stages": {}}
+    state = read_state(out) or {"format": STATE_FORMAT, "stages": {}}
     if state.get("quick", quick) != quick:
         raise IgkdError(f"{out} holds a {'--quick' if state['quick'] else 'full'} reproduction: use the same mode, or another --out")
     state["quick"] = quick
@@ -408,13 +412,56 @@ def run_reproduce(
     return state
 
 
+def read_state(out: Path) -> dict | None:
+    """``out/reproduce.json`` (checked by :func:`check_state`), or None where there is none yet."""
+    path = Path(out) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        state = load_json(path)
+    except (OSError, ValueError) as err:
+        raise IgkdError(f"{path} is unreadable ({type(err).__name__}): remove it to check every stage again from its files") from None
+    return check_state(state, str(path))
+
+
+def check_state(state, where: str) -> dict:
+    """A reproduction's state: an object of format igkd-reproduce whose ``stages`` maps stage names to records."""
+    how = "remove it to check every stage again from its files"
+    if not isinstance(state, dict) or state.get("format", STATE_FORMAT) != STATE_FORMAT:
+        raise IgkdError(f"{where} is not the state of an igkd reproduction (a JSON object of format {STATE_FORMAT!r}): {how}")
+    stages = state.get("stages")
+    if not isinstance(stages, dict):
+        raise IgkdError(f"{where}: 'stages' is a {type(stages).__name__}, not an object of stage names: {how}")
+    for name, record in stages.items():
+        if name not in STAGES:
+            raise IgkdError(f"{where}: unknown stage {name!r} (stages are {', '.join(STAGES)}): {how}")
+        if not isinstance(record, dict) or not isinstance(record.get("done", False), bool) or type(record.get("wall_s", 0.0)) not in (int, float):
+            raise IgkdError(f"{where}: stage {name!r} is not a record of 'done' (true/false) and 'wall_s' (seconds): {how}")
+        record.setdefault("wall_s", 0.0)
+    if not isinstance(state.get("quick", False), bool):
+        raise IgkdError(f"{where}: 'quick' is not true or false: {how}")
+    return state
+
+
 def _redo(stage: str, out: Path, state: dict, later: list[str], worked: bool) -> bool:
     """A finished stage runs again only where its output is needed and gone: the IG maps (never
-    packed) when a later stage still trains with them, and the report after new results."""
+    packed; a restored pack holds their manifest only) when a later stage still trains with them,
+    and the report after new results."""
     if stage == "ig":
         needs_maps = any(name in ("ablation", "montecarlo", "sweep") and not state["stages"].get(name, {}).get("done") for name in later)
-        return needs_maps and not (out / "ig" / "manifest.json").exists()
+        return needs_maps and not _maps_here(out / "ig")
     return stage == "report" and worked
+
+
+def _maps_here(folder: Path) -> bool:
+    """The folder holds the IG maps its manifest describes (complete, with maps.npy of that shape)."""
+    from igkd.attribution import open_attributions
+
+    try:
+        open_attributions(folder)
+    except IgkdError:
+        return False
+    return True
 
 
 def first_per_class(data, n_train: int, n_test: int):
@@ -452,7 +499,8 @@ def register(app) -> None:
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
         results: Optional[Path] = typer.Option(None, help="Also copy the tables, report and summaries here (e.g. docs/results)."),
         pack_file: Optional[Path] = typer.Option(None, "--pack", help="Write the small results of --out into this .tar.gz (< 16 MiB) and exit."),
-        unpack_file: Optional[Path] = typer.Option(None, "--unpack", help="Restore a pack into --out (to continue there) and exit."),
+        unpack_file: Optional[Path] = typer.Option(None, "--unpack", help="Restore a pack into --out, an empty or new folder (to continue there), and exit."),
+        force: bool = typer.Option(False, "--force", help="With --unpack: merge the pack into an --out that holds results (what is done there is kept)."),
         cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help="Runs trained at once as one fused network (1 = run by run; default: 1 on CPU, as many as fit on a GPU)."),
     ) -> None:
         """Reproduce the paper: teacher, IG maps, ablation, Monte Carlo, sweep, latency and report; resumable, budgeted."""
@@ -463,9 +511,12 @@ def register(app) -> None:
             print(f"{pack_file}: {len(listing['files'])} files, {listing['archive_bytes'] / 2**20:.1f} MiB"
                   + (f"; left out (over the size limit): {', '.join(listing['left_out'])}" if listing["left_out"] else ""))
             return
+        if force and unpack_file is None:
+            raise IgkdError("--force goes with --unpack (merge a pack into a folder that holds results)")
         if unpack_file is not None:
-            listing = unpack(unpack_file, out)
-            print(f"{out}: restored {len(listing['files'])} files from {unpack_file}; continue with the same 'igkd reproduce' command")
+            listing = unpack(unpack_file, out, force=force)
+            kept = f"; kept {len(listing['kept'])} files done here" if listing["kept"] else ""
+            print(f"{out}: restored {len(listing['restored'])} files from {unpack_file}{kept}; continue with the same 'igkd reproduce' command")
             return
         if dataset == "folder" and data_dir is None:
             raise IgkdError("--data-dir is needed: CIFAR-10 as an image folder or archive (e.g. cifar10-jpeg.tar.gz), or use --dataset digits --quick")
