@@ -355,7 +355,8 @@ def _merge(out: Path, found: _Scan, archive: Path) -> tuple[dict, set]:
     from igkd.experiments.reproduce import read_state
 
     packed, local = found.state, read_state(out)
-    if local is not None and local.get("quick", packed.get("quick")) != packed.get("quick", local.get("quick")):
+    modes = (local or {}).get("quick"), packed.get("quick")
+    if None not in modes and modes[0] != modes[1]:
         raise IgkdError(f"{out} holds a {'--quick' if local.get('quick') else 'full'} reproduction and {archive} the other kind: unpack into another folder")
     state = packed if local is None else local
     if local is not None:
