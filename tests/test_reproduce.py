@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 
 import pytest
 
 from igkd.cli import main
 from igkd.errors import IgkdError
-from igkd.experiments.reproduce import STAGES, Budget, BudgetSpent, pack, parse_budget, parse_stages, unpack
+from igkd.experiments.pack import pack, unpack
+from igkd.experiments.reproduce import STAGES, Budget, BudgetSpent, parse_budget, parse_stages
 
 
 def run(argv: list[str]) -> int:
@@ -77,6 +79,48 @@ def test_quick_reproduction_stops_by_budget_resumes_elsewhere_and_packs(tmp_path
     assert run(quick(third)) == 0  # nothing left: every stage is done, and no IG maps are needed any more
     err = capsys.readouterr().err
     assert err.count("done earlier, skipped") == len(STAGES)
+
+
+@pytest.mark.slow
+def test_a_pack_made_after_any_stage_continues_on_another_machine(tmp_path, capsys, monkeypatch):
+    """One folder runs stage by stage (--stages 1-N) and is packed after each, and once while stage 2 (IG) is
+    stopped half-way by --budget; every pack is unpacked into a new folder, with the first folder gone, and
+    the same command finishes there (issue 26, item 2)."""
+    source, packs = tmp_path / "source", {}
+    for n in range(1, len(STAGES) + 1):
+        if n == 2:  # stopped by the budget after the first chunk of IG maps
+            def spent_in_ig(self, stage, needed):
+                if stage == "ig":
+                    raise BudgetSpent(stage)
+
+            monkeypatch.setattr(Budget, "check", spent_in_ig)
+            assert run(quick(source, "--stages", "1-2", "--budget", "1h")) == 3
+            monkeypatch.undo()
+            assert (source / "ig" / "progress.json").exists() and not (source / "ig" / "manifest.json").exists()
+            packs["during 2"] = tmp_path / "during-2.tar.gz"
+            assert run(quick(source, "--pack", str(packs["during 2"]))) == 0
+        assert run(quick(source, "--stages", f"1-{n}")) == 0
+        packs[n] = tmp_path / f"after-{n}.tar.gz"
+        assert run(quick(source, "--pack", str(packs[n]))) == 0
+    shutil.rmtree(source)  # another machine: nothing of the first folder is left
+    for n, archive in packs.items():
+        elsewhere = tmp_path / f"job-{n}".replace(" ", "-")
+        assert run(quick(elsewhere, "--unpack", str(archive))) == 0
+        capsys.readouterr()
+        assert run(quick(elsewhere)) == 0, n
+        err = capsys.readouterr().err
+        finished = state(elsewhere)
+        assert all(finished["stages"][name]["done"] for name in STAGES) and finished["stopped_at"] is None
+        done = 1 if n == "during 2" else n
+        maps_needed = 2 <= done <= 4  # finished IG maps are rebuilt only where a later stage still trains with them
+        skipped = [name for name in STAGES[:done] if not (name == "ig" and maps_needed)]
+        assert [line.split()[2].rstrip(":") for line in err.splitlines() if "done earlier, skipped" in line] == skipped, err
+        assert (elsewhere / "ig" / "maps.npy").exists() == (done <= 4)
+        epochs = [json.loads(line)["epoch"] for line in (elsewhere / "teacher" / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == [1, 2]  # the teacher was trained once, by the first job
+        for study, runs in (("ablation", 8), ("montecarlo", 4), ("sweep", 2)):
+            assert len(list((elsewhere / study / "runs").glob("*/summary.json"))) == runs
+        assert (elsewhere / "report" / "report.md").exists() and (elsewhere / "paper-vs-ours.md").exists()
 
 
 def test_unpack_refuses_paths_outside_the_folder(tmp_path):

@@ -92,11 +92,36 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         raise
 
 
+MAX_JSON_BYTES = 8 * 2**20  # every JSON file igkd writes is far smaller; a bigger one came from elsewhere
+
+
+def read_json_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of the JSON file ``path``, read only when it is at most :data:`MAX_JSON_BYTES`.
+
+    Raises OSError (missing, unreadable) or, for a bigger file, IgkdError naming it.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        from igkd.errors import IgkdError
+
+        raise IgkdError(f"{path} is over {MAX_JSON_BYTES // 2**20} MiB, far more than any JSON file igkd writes: "
+                        "it did not come from igkd; remove or replace it")
+    return data
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path`` (at most :data:`MAX_JSON_BYTES`): every reader of igkd's JSON files goes
+    through here. Raises OSError (missing, unreadable), ValueError (not UTF-8 JSON) or IgkdError (too big)."""
+    return json.loads(read_json_bytes(path).decode("utf-8"))
+
+
 def read_json_object(path: str | os.PathLike) -> dict | None:
     """The JSON object in ``path``, or None when it is missing, unreadable or not an object
-    (the reading side of these helpers: callers treat None as 'not written yet')."""
+    (the reading side of these helpers: callers treat None as 'not written yet'). A file over
+    :data:`MAX_JSON_BYTES` is an error (IgkdError), not None."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = load_json(path)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from igkd.atomic import atomic_write_json, read_json_object
+from igkd.atomic import atomic_write_json, read_json_bytes, read_json_object
 from igkd.attribution.engine import default_max_batch
 from igkd.attribution.maps import REDUCTIONS, reduce_map
 from igkd.attribution.methods import get_method, method_parameters, run_method
@@ -142,7 +142,7 @@ def open_attributions(
                 "with the same arguments to resume it, or add --force to rebuild it"
             )
         raise IgkdError(f"no attribution cache in {directory} (no {MANIFEST_FILE}): build one with 'igkd attributions compute'")
-    raw = manifest_path.read_bytes()
+    raw = read_json_bytes(manifest_path)
     try:
         manifest = json.loads(raw)
     except ValueError as err:

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from igkd.atomic import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temporaries
+from igkd.atomic import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, load_json, remove_stale_temporaries
 from igkd.data.dataset import Dataset
 from igkd.data.loader import DeviceLoader
 from igkd.data.splits import stratified_subset, train_val_split
@@ -231,10 +231,21 @@ def _metrics_epoch(line: str) -> float:
 def read_summary(path: Path) -> dict | None:
     """A finished run's summary.json, or None when it is missing or unreadable (then the run is not finished)."""
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
+        summary = load_json(path)
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) and "test_accuracy" in summary else None
+
+
+def _saved_config(path: Path) -> dict:
+    """The config.json of a run being resumed (a JSON object), or one error line naming it."""
+    try:
+        saved = load_json(path)
+    except (OSError, ValueError) as err:
+        raise IgkdError(f"cannot resume {path.parent}: its {path.name} is unreadable ({type(err).__name__}); remove the folder to train again, or use another --out") from None
+    if not isinstance(saved, dict):
+        raise IgkdError(f"cannot resume {path.parent}: its {path.name} holds a JSON {type(saved).__name__}, not a run config; remove the folder to train again, or use another --out")
+    return saved
 
 
 def run_environment(device: torch.device) -> dict:
@@ -474,7 +485,7 @@ class Trainer:
         if (out / CHECKPOINT).exists() and not self.resume:
             raise IgkdError(f"{out} already holds a run: continue it with --resume, or choose another --out")
         if self.resume and config_path.exists():
-            saved = json.loads(config_path.read_text())
+            saved = _saved_config(config_path)
             current = json.loads(json.dumps(config.to_dict()))
             defaults = TrainConfig().to_dict()  # a key added since the run was saved has its default there
             changed = sorted(k for k in current if saved.get(k, defaults.get(k)) != current[k] and k not in ("device", "compile"))

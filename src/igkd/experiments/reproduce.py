@@ -21,21 +21,19 @@ that the next job, on another machine, continues. The IG maps are rebuilt there,
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from igkd.atomic import atomic_open, atomic_write_json, atomic_write_text, read_json_object
+from igkd.atomic import atomic_write_json, atomic_write_text, load_json, read_json_object
 from igkd.distill.config import PAPER_METHODS
 from igkd.errors import IgkdError
+from igkd.experiments.pack import STATE_FILE, export_results, pack, unpack
 
 STAGES = ("teacher", "ig", "ablation", "montecarlo", "sweep", "report")
-PACK_LIMIT = 16 * 2**20 - 2**19  # what comes back from a GPU job: 16 MiB a file (half a MiB kept for the tar itself)
-STATE_FILE = "reproduce.json"
+STATE_FORMAT = "igkd-reproduce"
 PRECISION_FILE = "precision.json"
 
 
@@ -263,8 +261,11 @@ class Reproduction:
         from igkd.distill.run import load_teacher
 
         model, info = load_teacher(self.teacher_path)
+        # A restored pack holds the manifest (or a build's progress) but never the maps: then they are built again.
+        rebuild = not any((self.out / "ig" / name).exists() for name in ("maps.npy", "maps.partial.npy"))
         cache = compute_attributions(model, self.student_data, self.out / "ig", n_steps=self.settings.ig_steps, baseline="black", target="label",
-                                     device=self.device, teacher_sha256=info["sha256"], progress=self.progress, on_chunk=self._chunk_hook("ig"))
+                                     device=self.device, teacher_sha256=info["sha256"], progress=self.progress, on_chunk=self._chunk_hook("ig"),
+                                     force=rebuild)
         return {"images": cache.manifest["n"], "steps": self.settings.ig_steps, "precision": cache.manifest.get("precision"),
                 "images_per_s": cache.manifest.get("images_per_s"), "completeness": cache.manifest.get("completeness")}
 
@@ -511,7 +512,7 @@ def run_reproduce(
         raise IgkdError(f"--out {out} is a file: give a folder for the reproduction")
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings.of(profile, dataset, quick)
-    state = read_json_object(out / STATE_FILE) or {"format": "igkd-reproduce", "stages": {}}
+    state = read_state(out) or {"format": STATE_FORMAT, "stages": {}}
     if state.get("quick", quick) != quick:
         raise IgkdError(f"{out} holds a {'--quick' if state['quick'] else 'full'} reproduction: use the same mode, or another --out")
     if state.get("profile", "paper") != profile and state["stages"]:
@@ -566,13 +567,60 @@ def run_reproduce(
     return state
 
 
+def read_state(out: Path) -> dict | None:
+    """``out/reproduce.json`` (checked by :func:`check_state`), or None where there is none yet."""
+    path = Path(out) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        state = load_json(path)
+    except (OSError, ValueError) as err:
+        raise IgkdError(f"{path} is unreadable ({type(err).__name__}): remove it to check every stage again from its files") from None
+    return check_state(state, str(path))
+
+
+def check_state(state, where: str) -> dict:
+    """A reproduction's state: an object of format igkd-reproduce whose ``stages`` maps stage names to records."""
+    how = "remove it to check every stage again from its files"
+    if not isinstance(state, dict) or state.get("format", STATE_FORMAT) != STATE_FORMAT:
+        raise IgkdError(f"{where} is not the state of an igkd reproduction (a JSON object of format {STATE_FORMAT!r}): {how}")
+    stages = state.get("stages")
+    if not isinstance(stages, dict):
+        raise IgkdError(f"{where}: 'stages' is a {type(stages).__name__}, not an object of stage names: {how}")
+    for name, record in stages.items():
+        if name not in STAGES:
+            raise IgkdError(f"{where}: unknown stage {name!r} (stages are {', '.join(STAGES)}): {how}")
+        if not isinstance(record, dict) or not isinstance(record.get("done", False), bool) or type(record.get("wall_s", 0.0)) not in (int, float):
+            raise IgkdError(f"{where}: stage {name!r} is not a record of 'done' (true/false) and 'wall_s' (seconds): {how}")
+        record.setdefault("wall_s", 0.0)
+    if not isinstance(state.get("quick", False), bool):
+        raise IgkdError(f"{where}: 'quick' is not true or false: {how}")
+    if state.get("profile", "paper") not in PROFILES:
+        raise IgkdError(f"{where}: 'profile' is {state.get('profile')!r}, not one of {', '.join(PROFILES)}: {how}")
+    if not isinstance(state.get("sessions", []), list):
+        raise IgkdError(f"{where}: 'sessions' is not a list of invocations: {how}")
+    return state
+
+
 def _redo(stage: str, out: Path, state: dict, later: list[str], worked: bool) -> bool:
     """A finished stage runs again only where its output is needed and gone: the IG maps (never
-    packed) when a later stage still trains with them, and the report after new results."""
+    packed; a restored pack holds their manifest only) when a later stage still trains with them,
+    and the report after new results."""
     if stage == "ig":
         needs_maps = any(name in ("ablation", "montecarlo", "sweep") and not state["stages"].get(name, {}).get("done") for name in later)
-        return needs_maps and not (out / "ig" / "manifest.json").exists()
+        return needs_maps and not _maps_here(out / "ig")
     return stage == "report" and worked
+
+
+def _maps_here(folder: Path) -> bool:
+    """The folder holds the IG maps its manifest describes (complete, with maps.npy of that shape)."""
+    from igkd.attribution import open_attributions
+
+    try:
+        open_attributions(folder)
+    except IgkdError:
+        return False
+    return True
 
 
 def first_per_class(data, n_train: int, n_test: int | None):
@@ -598,99 +646,6 @@ def _left(clock: Budget) -> str:
     return "no budget" if left == float("inf") else f"{left:.0f} s of budget left"
 
 
-# -- results, pack, unpack -----------------------------------------------------------------------
-
-RESULT_FILES = ("reproduce.json", "paper-vs-ours.md", "latency.json", "ablation/results.csv", "montecarlo/results.csv", "sweep/results.csv",
-                "ablation/study.json", "montecarlo/study.json", "sweep/study.json", "teacher/summary.json", "ig/manifest.json")
-
-
-def export_results(out: Path, results: Path) -> list[str]:
-    """Copy the files a user would commit (tables, report, summaries) into ``results``."""
-    copied = []
-    for name in RESULT_FILES:
-        if (out / name).is_file():
-            target = results / name.replace("/", "-")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out / name, target)
-            copied.append(target.name)
-    if (out / "report").is_dir():
-        for path in sorted((out / "report").iterdir()):
-            if path.is_file():
-                (results / "report").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, results / "report" / path.name)
-                copied.append(f"report/{path.name}")
-    return copied
-
-
-SMALL_SUFFIXES = (".json", ".jsonl", ".csv", ".md", ".png", ".txt")
-NEVER_PACKED = ("maps.npy", "maps.partial.npy", ".lock")
-
-
-def pack(out: Path, archive: Path, limit: int = PACK_LIMIT) -> dict:
-    """One .tar.gz of what the next job needs and a person reads, under ``limit`` bytes (raw sizes, a safe bound)."""
-    out = Path(out)
-    if not (out / STATE_FILE).is_file():
-        raise IgkdError(f"{out} holds no reproduction ({STATE_FILE}): run 'igkd reproduce --out {out}' first")
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in NEVER_PACKED and not p.name.endswith(".tmp"))
-    must = [p for p in files if p.suffix in SMALL_SUFFIXES]
-    optional = []  # by value: the teacher, interrupted runs' checkpoints (to resume), one student per method
-    teacher = out / "teacher" / "model.safetensors"
-    if teacher.exists():
-        optional.append(teacher)
-    optional += [p for p in files if p.name == "checkpoint.pt" and not (p.parent / "summary.json").exists()]
-    seen_methods = set()
-    for path in files:
-        if path.name == "model.safetensors" and path.parent.parent.name == "runs":
-            method = (read_json_object(path.parent / "summary.json") or {}).get("method")
-            if method and method not in seen_methods:
-                seen_methods.add(method)
-                optional.append(path)
-    chosen, left_out, size = list(must), [], sum(p.stat().st_size for p in must)
-    if size > limit:
-        raise IgkdError(f"the small files of {out} alone are {size / 2**20:.1f} MiB, over the {limit / 2**20:.1f} MiB pack limit")
-    for path in optional:
-        if size + path.stat().st_size <= limit:
-            chosen.append(path)
-            size += path.stat().st_size
-        else:
-            left_out.append(str(path.relative_to(out)))
-    listing = {"format": "igkd-reproduce-pack", "files": [str(p.relative_to(out)) for p in chosen], "left_out": left_out, "bytes_raw": size}
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(archive, "wb") as handle, tarfile.open(fileobj=handle, mode="w:gz") as tar:
-        for path in chosen:
-            tar.add(path, arcname=str(path.relative_to(out)))
-        data = json.dumps(listing, indent=2).encode()
-        info = tarfile.TarInfo("pack.json")
-        info.size = len(data)
-        import io
-
-        tar.addfile(info, io.BytesIO(data))
-    listing["archive_bytes"] = archive.stat().st_size
-    return listing
-
-
-def unpack(archive: Path, out: Path) -> dict:
-    """Restore a pack into ``out`` (safe extraction: no absolute paths, no '..', no links)."""
-    archive, out = Path(archive), Path(out)
-    if not archive.is_file():
-        raise IgkdError(f"pack {archive} does not exist")
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            names = {m.name for m in members}
-            if "pack.json" not in names:
-                raise IgkdError(f"{archive} is not an igkd reproduce pack (no pack.json): make one with 'igkd reproduce --pack'")
-            for member in members:
-                if not (member.isfile() or member.isdir()) or member.name.startswith("/") or ".." in Path(member.name).parts:
-                    raise IgkdError(f"{archive} holds {member.name!r}, which is not a plain file inside the folder: refused")
-            out.mkdir(parents=True, exist_ok=True)
-            tar.extractall(out, members=[m for m in members if m.name != "pack.json"], filter="data")
-            listing = json.loads(tar.extractfile("pack.json").read())
-    except (tarfile.TarError, OSError, ValueError) as err:
-        raise IgkdError(f"{archive} is not a readable pack ({type(err).__name__}: {err})") from None
-    return listing
-
-
 def register(app) -> None:
     import typer
 
@@ -706,7 +661,8 @@ def register(app) -> None:
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
         results: Optional[Path] = typer.Option(None, help="Also copy the tables, report and summaries here (e.g. docs/results)."),
         pack_file: Optional[Path] = typer.Option(None, "--pack", help="Write the small results of --out into this .tar.gz (< 16 MiB) and exit."),
-        unpack_file: Optional[Path] = typer.Option(None, "--unpack", help="Restore a pack into --out (to continue there) and exit."),
+        unpack_file: Optional[Path] = typer.Option(None, "--unpack", help="Restore a pack into --out, an empty or new folder (to continue there), and exit."),
+        force: bool = typer.Option(False, "--force", help="With --unpack: merge the pack into an --out that holds results (what is done there is kept)."),
         cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help="Runs trained at once as one fused network (1 = run by run; default: 1 on CPU, as many as fit on a GPU)."),
         profile: str = typer.Option("paper", help="paper (the paper's scale, a GPU) or cpu (the same stages sized for 2 CPU cores in < 2 h; docs/results/cpu)."),
     ) -> None:
@@ -718,9 +674,12 @@ def register(app) -> None:
             print(f"{pack_file}: {len(listing['files'])} files, {listing['archive_bytes'] / 2**20:.1f} MiB"
                   + (f"; left out (over the size limit): {', '.join(listing['left_out'])}" if listing["left_out"] else ""))
             return
+        if force and unpack_file is None:
+            raise IgkdError("--force goes with --unpack (merge a pack into a folder that holds results)")
         if unpack_file is not None:
-            listing = unpack(unpack_file, out)
-            print(f"{out}: restored {len(listing['files'])} files from {unpack_file}; continue with the same 'igkd reproduce' command")
+            listing = unpack(unpack_file, out, force=force)
+            kept = f"; kept {len(listing['kept'])} files done here" if listing["kept"] else ""
+            print(f"{out}: restored {len(listing['restored'])} files from {unpack_file}{kept}; continue with the same 'igkd reproduce' command")
             return
         if dataset == "folder" and data_dir is None:
             raise IgkdError("--data-dir is needed: CIFAR-10 as an image folder or archive (e.g. cifar10-jpeg.tar.gz), or use --dataset digits --quick")

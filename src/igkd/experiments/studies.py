@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from igkd.atomic import atomic_write_json, atomic_write_text, read_json_object, remove_stale_temporaries
+from igkd.atomic import atomic_write_json, atomic_write_text, load_json, read_json_object, remove_stale_temporaries
 from igkd.distill import METHODS, PAPER_METHODS, executor, resolve_config, run_training  # noqa: F401 - tune trains its trials one by one with run_training
 from igkd.distill.executor import Run
 from igkd.errors import IgkdError
@@ -369,12 +369,26 @@ def read_study_file(path: str | Path) -> dict:
     if not path.is_file():
         raise IgkdError(f"no study at {path.parent} (no {STUDY_FILE}): give the folder a study command wrote")
     try:
-        study = json.loads(path.read_text(encoding="utf-8"))
+        study = load_json(path)
     except (OSError, ValueError) as err:
         raise IgkdError(f"{path} is not readable JSON ({err})") from None
-    if not isinstance(study, dict) or study.get("format") != FORMAT:
+    if not isinstance(study, dict) or study.get("format") != FORMAT or not isinstance(study.get("kind"), str):
         raise IgkdError(f"{path} is not an igkd study file")
+    plan = study.get("plan", [])
+    if not isinstance(plan, list) or not all(isinstance(entry, dict) for entry in plan):
+        raise IgkdError(f"{path}: 'plan' is not a list of runs: it was not written by igkd (run the study command into a new --out)")
+    for entry in plan:
+        if not run_folder_name(entry.get("run_id")):
+            raise IgkdError(f"{path}: run_id {entry.get('run_id')!r} is not one folder name under {RUNS_DIR}/ (no '/' or '\\', not '.' or '..'): "
+                            "refused; it was not written by igkd (run the study command into a new --out)")
     return study
+
+
+def run_folder_name(run_id) -> bool:
+    """A run id names one folder in STUDY/runs: a non-empty str, one plain path part (not '.' or '..', not absolute)."""
+    return (
+        isinstance(run_id, str) and run_id not in ("", ".", "..") and not any(c in "/\\:" or ord(c) < 32 for c in run_id)
+    )
 
 
 # -- running ----------------------------------------------------------------------------------------

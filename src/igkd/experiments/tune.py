@@ -40,7 +40,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from igkd.atomic import atomic_write_json
+from igkd.atomic import atomic_write_json, load_json
 from igkd.errors import IgkdError
 from igkd.experiments import studies
 from igkd.experiments.studies import RUNS_DIR, StudyOptions
@@ -453,7 +453,7 @@ def _read_config(out: Path, trial) -> dict | None:
     run_dir = trial.user_attrs.get("run_dir")
     path = out / run_dir / "config.json" if run_dir else None
     try:
-        return json.loads(path.read_text()) if path else None
+        return load_json(path) if path else None
     except (OSError, ValueError):
         return None  # trained by a worker on another machine
 

@@ -24,7 +24,7 @@ import torch
 from igkd.atomic import atomic_write_bytes
 from igkd.errors import IgkdError
 from igkd.models.mobilenetv2 import CIFAR10_MEAN, CIFAR10_STD, MobileNetV2CIFAR
-from igkd.models.registry import build_model, model_spec, spec_of
+from igkd.models.registry import build_model, check_spec, model_spec, spec_of
 from igkd.torch_io import load_torch
 
 RAW_INPUT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
@@ -78,17 +78,17 @@ def _remap_attention_layout(state: dict) -> dict:
     return remapped
 
 
-def _spec_from_external(state: dict, path: Path) -> dict:
-    indices = {int(m.group(1)) for k in state if (m := re.match(r"features\.(\d+)\.", k))}
-    if not indices or "classifier.1.weight" not in state:
+def _spec_from_external(shapes: dict, path: Path) -> dict:
+    """The spec of a published state dict, from its key names and the classifier's shape."""
+    indices = {int(m.group(1)) for k in shapes if (m := re.match(r"features\.(\d+)\.", k))}
+    if not indices or "classifier.1.weight" not in shapes or len(shapes["classifier.1.weight"]) != 2:
         raise IgkdError(
             f"{path} is not a MobileNetV2-CIFAR model: expected keys 'features.<i>...' and 'classifier.1.weight' "
-            f"(found e.g. {', '.join(list(state)[:3]) or 'nothing'})"
+            f"(found e.g. {', '.join(list(shapes)[:3]) or 'nothing'})"
         )
     keep = max(indices) + 1
     k = 19 - keep
-    weight = state["classifier.1.weight"]
-    num_classes = weight.shape[0]
+    num_classes = shapes["classifier.1.weight"][0]
     teacher_like = keep == 19
     try:
         spec = model_spec("teacher" if k == 0 else f"k{k}", num_classes=num_classes)
@@ -99,58 +99,58 @@ def _spec_from_external(state: dict, path: Path) -> dict:
     return spec
 
 
-def load_model(path: str | Path, *, map_location="cpu", expect: str | None = None) -> tuple[MobileNetV2CIFAR, dict]:
-    """Load any supported model file -> (model in eval mode, metadata incl. ``spec`` and ``format``).
+def _read(path: Path) -> tuple[dict, dict | None, dict, str, object]:
+    """(shapes by key, spec or None, meta, format, load) of a model file; ``load()`` then gives the tensors by key.
 
-    ``expect`` ('teacher' or 'k5' ...) refuses a file of another architecture.
+    A safetensors file gives its shapes from its header, so nothing is allocated before they are checked.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise IgkdError(f"checkpoint {path} does not exist")
-    meta: dict = {}
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
 
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        spec = json.loads(header["igkd_spec"]) if "igkd_spec" in header else None
+        meta = json.loads(header.get("igkd_meta", "{}"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"igkd_meta is a {type(meta).__name__}, not an object")
+
+        def load() -> dict:
             with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-                state = {key: handle.get_tensor(key) for key in handle.keys()}
-            spec = json.loads(header["igkd_spec"]) if "igkd_spec" in header else None
-            meta = json.loads(header.get("igkd_meta", "{}"))
-            fmt = "igkd-safetensors"
-        else:
-            raw = load_torch(path, map_location="cpu", what="model file")
-            if isinstance(raw, dict) and "model" in raw and "spec" in raw:
-                state, spec, fmt = raw["model"], raw["spec"], "igkd-training-checkpoint"
-                meta = {k: v for k, v in raw.items() if k in ("meta", "epoch")}
-            elif isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
-                state, spec, fmt = raw["state_dict"], None, "state-dict"
-            elif isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values()):
-                state, spec, fmt = raw, None, "state-dict"
-            else:
-                raise IgkdError(f"{path} holds a {type(raw).__name__}, not a model state dict or igkd checkpoint")
-    except IgkdError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any decoding failure means 'not a model file'
-        raise IgkdError(f"cannot read {path} as a model checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+                return {key: handle.get_tensor(key) for key in handle.keys()}
+
+        return shapes, spec, meta, "igkd-safetensors", load
+    raw = load_torch(path, map_location="cpu", what="model file")
+    meta: dict = {}
+    if isinstance(raw, dict) and "model" in raw and "spec" in raw and isinstance(raw["model"], dict):
+        state, spec, fmt = raw["model"], raw["spec"], "igkd-training-checkpoint"
+        meta = {k: v for k, v in raw.items() if k in ("meta", "epoch")}
+    elif isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
+        state, spec, fmt = raw["state_dict"], None, "state-dict"
+    elif isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        state, spec, fmt = raw, None, "state-dict"
+    else:
+        raise IgkdError(f"{path} holds a {type(raw).__name__}, not a model state dict or igkd checkpoint")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise IgkdError(f"{path} holds a state dict with entries that are not named tensors")
+    return {k: tuple(v.shape) for k, v in state.items()}, spec, meta, fmt, lambda: state
+
+
+def _rename(state: dict) -> tuple[dict, bool]:
+    """Published key layouts -> igkd's (``module.`` dropped, attention students remapped); True if remapped."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith(("front_layers.", "middle_layer.")) for k in state):
-        state = _remap_attention_layout(state)
-        fmt = "reference-attention-student"
-    if spec is None:
-        spec = _spec_from_external(state, path)
-        fmt = "reference-teacher" if spec["k"] == 0 else ("reference-student" if fmt == "state-dict" else fmt)
-    if expect is not None:
-        wanted = model_spec(expect)["name"]
-        if spec.get("name") != wanted:
-            raise IgkdError(f"{path} holds a {spec.get('name')} model, but a {wanted} model is needed here")
-    model = build_model(spec)
-    state.setdefault("normalize.mean", model.normalize.mean)
-    state.setdefault("normalize.std", model.normalize.std)
-    reference = model.state_dict()
-    state = {k: v.to(reference[k].dtype) if k in reference and v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
-    bad_shapes = [k for k in reference if k in state and state[k].shape != reference[k].shape]
+        return _remap_attention_layout(state), True
+    return state, False
+
+
+def _check_shapes(shapes: dict, spec: dict, path: Path) -> None:
+    """The file's tensors against the architecture built on the meta device (no memory): names and shapes."""
+    with torch.device("meta"):
+        reference = {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
+    shapes = {"normalize.mean": reference["normalize.mean"], "normalize.std": reference["normalize.std"]} | shapes
+    missing, unexpected = sorted(set(reference) - set(shapes)), sorted(set(shapes) - set(reference))
+    bad_shapes = [k for k in reference if k in shapes and shapes[k] != reference[k]]
     if missing or unexpected or bad_shapes:
         detail = "; ".join(
             part
@@ -162,7 +162,49 @@ def load_model(path: str | Path, *, map_location="cpu", expect: str | None = Non
             if part
         )
         raise IgkdError(f"{path} does not match the {spec['name']} architecture ({detail})")
-    model.load_state_dict(state)
-    model.to(map_location).eval()
+
+
+def load_model(path: str | Path, *, map_location="cpu", expect: str | None = None) -> tuple[MobileNetV2CIFAR, dict]:
+    """Load any supported model file -> (model in eval mode, metadata incl. ``spec`` and ``format``).
+
+    ``expect`` ('teacher' or 'k5' ...) refuses a file of another architecture. The spec (width,
+    classes, k: :func:`igkd.models.registry.check_spec`) and every tensor's shape are checked
+    before any real memory is allocated; running out of memory is one error line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IgkdError(f"checkpoint {path} does not exist")
+    try:
+        shapes, spec, meta, fmt, load = _read(path)
+    except IgkdError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any decoding failure means 'not a model file'
+        raise IgkdError(f"cannot read {path} as a model checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    shapes, remapped = _rename(shapes)
+    if remapped:
+        fmt = "reference-attention-student"
+    if spec is None:
+        spec = _spec_from_external(shapes, path)
+        fmt = "reference-teacher" if spec["k"] == 0 else ("reference-student" if fmt == "state-dict" else fmt)
+    spec = check_spec(spec, str(path))
+    if expect is not None:
+        wanted = model_spec(expect)["name"]
+        if spec.get("name") != wanted:
+            raise IgkdError(f"{path} holds a {spec.get('name')} model, but a {wanted} model is needed here")
+    _check_shapes(shapes, spec, path)
+    try:
+        state, _ = _rename(load())
+        model = build_model(spec)
+        state.setdefault("normalize.mean", model.normalize.mean)
+        state.setdefault("normalize.std", model.normalize.std)
+        reference = model.state_dict()
+        state = {k: v.to(reference[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+        model.load_state_dict(state)
+        model.to(map_location).eval()
+    except (MemoryError, RuntimeError) as err:
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        why = "out of memory" if isinstance(err, MemoryError) or "memory" in first.lower() or "alloc" in first.lower() else "failed"
+        raise IgkdError(f"cannot load {path}: {why} for a {spec['name']} model of width {spec['width']:g} and {spec['num_classes']} classes "
+                        f"on {map_location} ({type(err).__name__}: {first})") from None
     meta.update(spec=spec, format=fmt, path=str(path))
     return model, meta

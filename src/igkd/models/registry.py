@@ -6,6 +6,7 @@ the architecture is rebuilt from the file alone.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -51,6 +52,47 @@ def model_spec(
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
     }
+
+
+MAX_WIDTH = 4.0  # width multipliers igkd trains are 0.25 ... 1; 4 is a model of ~36M parameters
+MAX_CLASSES = 100_000
+
+
+def check_spec(spec, where: str) -> dict:
+    """A model spec read from a file, checked before anything is built: the architecture and its name,
+    ``keep`` = 19 - k for k in the family, ``num_classes`` in 1..MAX_CLASSES, ``width`` in (0, MAX_WIDTH],
+    ``dropout`` in [0, 1) and 3 finite ``mean``/``std`` values (std > 0). IgkdError names the first bad field."""
+
+    def number(value) -> bool:
+        return type(value) in (int, float) and math.isfinite(value)
+
+    def refuse(field: str, wanted: str):
+        value = spec.get(field) if isinstance(spec, dict) else spec
+        raise IgkdError(f"{where}: model spec field {field!r} is {value!r}, not {wanted}: the file was not written by igkd or is damaged")
+
+    if not isinstance(spec, dict):
+        refuse("spec", "an object")
+    if spec.get("arch") != ARCH:
+        raise IgkdError(f"{where}: unknown architecture {spec.get('arch')!r} (igkd builds {ARCH!r})")
+    k = spec.get("k")
+    if type(k) is not int or k not in (0, *STUDENT_KS):
+        refuse("k", f"0 (teacher) or one of {', '.join(map(str, STUDENT_KS))}")
+    if spec.get("keep") != NUM_FEATURE_MODULES - k or type(spec.get("keep")) is not int:
+        refuse("keep", f"{NUM_FEATURE_MODULES - k} (19 - k)")
+    if spec.get("name") != ("teacher" if k == 0 else f"k{k}"):
+        refuse("name", "teacher" if k == 0 else f"k{k}")
+    classes = spec.get("num_classes")
+    if type(classes) is not int or not 1 <= classes <= MAX_CLASSES:
+        refuse("num_classes", f"a whole number in 1..{MAX_CLASSES}")
+    if not number(spec.get("width")) or not 0 < spec["width"] <= MAX_WIDTH:
+        refuse("width", f"a number in (0, {MAX_WIDTH:g}]")
+    if not number(spec.get("dropout")) or not 0 <= spec["dropout"] < 1:
+        refuse("dropout", "a number in [0, 1)")
+    for field in ("mean", "std"):
+        values = spec.get(field)
+        if not isinstance(values, list) or len(values) != 3 or not all(number(v) for v in values) or (field == "std" and min(values) <= 0):
+            refuse(field, "3 finite numbers" + (" above 0" if field == "std" else ""))
+    return spec
 
 
 def build_model(spec_or_name: dict | str = "teacher", **overrides) -> MobileNetV2CIFAR:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from igkd.atomic import load_json
 from igkd.errors import IgkdError
 from igkd.experiments.statistics import describe, summarize
 
@@ -236,7 +237,7 @@ def cf_series(accuracy: list[dict]) -> dict:
 def read_json(path: str | Path, what: str, how: str) -> dict | list:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return load_json(path)
     except OSError as err:
         raise IgkdError(f"cannot read {what} {path} ({err.strerror or err}): {how}") from None
     except ValueError as err:
