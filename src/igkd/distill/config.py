@@ -306,3 +306,6 @@ def validate(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise IgkdError(message)
+    from igkd.devices import parse_device
+
+    parse_device(config.device)  # one line for a device igkd cannot use, before any data is loaded

@@ -135,10 +135,12 @@ COHORT_HELP = (
 
 
 def _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size=None):
+    from igkd.devices import parse_device
     from igkd.distill.config import load_yaml
     from igkd.distill.executor import check_cohort_size
     from igkd.experiments.studies import StudyOptions
 
+    parse_device(device)  # before the dataset is loaded
     return StudyOptions(
         teacher=teacher, attributions=attributions, recipe=recipe, config_values=load_yaml(config) if config else None,
         epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, device=device,
