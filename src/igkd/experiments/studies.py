@@ -93,6 +93,7 @@ class StudyOptions:
         values.pop("recipe", None)
         return resolve_config(
             yaml_values=values,
+            check_unused=False,  # one config file serves every method of the study: check_inputs checks it once
             method=method,
             recipe=recipe,
             student=student,
@@ -237,7 +238,12 @@ def _reference_params(teacher: dict | None, dataset) -> tuple[int, str]:
 
 
 def check_inputs(configs: dict, options: StudyOptions, teacher: dict | None, attributions: dict | None) -> None:
-    """Fail before any training when a planned run could not start."""
+    """Fail before any training when a planned run could not start, or the config file sets a key that acts
+    on none of the planned runs (:func:`igkd.distill.config.refuse_no_effect`)."""
+    from igkd.distill.config import refuse_no_effect
+
+    file_keys = [k for k in options.config_values or {} if k != "recipe"]
+    refuse_no_effect(list(configs.values()), {k: "the --config file" for k in file_keys})
     for method, config in configs.items():
         if (config.uses_teacher or config.p > 0) and teacher is None:
             raise IgkdError(f"method {method!r} needs a teacher: pass --teacher CKPT")
