@@ -112,14 +112,23 @@ class StudyOptions:
 # -- small parsers shared by the commands ------------------------------------------------------
 
 
+def methods_of_one_cache() -> list[str]:
+    """``--methods all``: every method that can run in one study, i.e. all but those whose overlay needs a
+    cache other than IG maps (``kd_saliency``, a saliency cache: a study has one cache, so it runs by name
+    in a study of its own)."""
+    from igkd.distill.controls import expected_attribution_method
+
+    return [m for m, preset in METHODS.items() if expected_attribution_method(preset.get("overlay_maps", "ig")) == "ig"]
+
+
 def parse_methods(text: str | list[str]) -> list[str]:
-    """``paper`` (the paper's eight methods), ``all`` (every method) or a comma-separated list of method
-    names (order kept, repeats dropped)."""
+    """``paper`` (the paper's eight methods), ``all`` (every method that can run in one study:
+    :func:`methods_of_one_cache`) or a comma-separated list of method names (order kept, repeats dropped)."""
     items = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     if items == ["paper"]:
         return list(PAPER_METHODS)
     if items == ["all"]:
-        return list(METHODS)
+        return methods_of_one_cache()
     unknown = [m for m in items if m not in METHODS]
     if unknown or not items:
         problem = f"unknown method {unknown[0]!r}" if unknown else "no methods given"
