@@ -19,6 +19,7 @@ from PIL import Image
 
 from igkd.cli import main
 from igkd.distill import executor
+from igkd.errors import IgkdError
 from igkd.models import build_model, save_model
 
 CLASSES = 4
@@ -442,3 +443,205 @@ def test_identical_models_give_identical_safetensors_bytes(tmp_path):
     assert canonical_safetensors(other) == canonical_safetensors(shuffled)
     reloaded, _ = load_model(path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+
+
+# -- bad input, second probe (issue 26, item 8; docs/faults.md "Bad input (second probe)") -------------
+
+
+def tree(folder: Path) -> dict:
+    """Every file under ``folder`` (relative path -> bytes): what "no data changed" compares."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_without_its_checkpoint_is_never_trained_over(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(distill_args(world, out), capsys)[0] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (out / "checkpoint.pt").unlink()  # deleted to save space, or unpacked from a pack (which leaves it out)
+    before = tree(out)
+    line = one_error(distill_args(world, out), capsys)
+    assert str(out) in line and "finished run" in line and "another --out" in line
+    assert tree(out) == before
+    status, stdout, err = cli(distill_args(world, out, "--resume"), capsys)  # resume: reported as it is, nothing trained
+    assert status == 0 and "Traceback" not in err
+    assert json.loads(stdout)["test_accuracy"] == summary["test_accuracy"]
+    assert tree(out) == before
+    (out / "summary.json").unlink()  # only the model file left: neither a finished nor a resumable run
+    before = tree(out)
+    assert "finished run" in one_error(distill_args(world, out), capsys)
+    line = one_error(distill_args(world, out, "--resume"), capsys)
+    assert "model.safetensors" in line and "cannot be resumed" in line
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "nan"], "--budget must be a positive, finite duration"),
+        (["--budget", "inf"], "--budget must be a positive, finite duration"),
+        (["--stages="], "names no stage"),
+        (["--stages", " , "], "names no stage"),
+        (["--stages", "7-9"], "within 1-6"),
+        (["--stages", "3-1"], "within 1-6"),
+        (["--stages", "7"], "unknown stage '7'"),
+    ],
+    ids=["budget-nan", "budget-inf", "stages-empty", "stages-commas", "stages-out-of-range", "stages-reversed", "stage-7"],
+)
+def test_reproduce_refuses_a_budget_or_stages_that_would_run_forever_or_nothing(world, tmp_path, capsys, args, message):
+    out = tmp_path / "repro"
+    line = one_error(["reproduce", "--out", out, "--dataset", "folder", "--data-dir", world["data"], *args], capsys)
+    assert message in line
+    assert not out.exists()
+
+
+def test_stage_parsing_keeps_what_is_valid():
+    from igkd.experiments.reproduce import STAGES, parse_budget, parse_stages
+
+    assert parse_stages(None) == list(STAGES) and parse_stages("1-6") == list(STAGES) and parse_stages("2-2,report") == ["ig", "report"]
+    assert parse_budget("1e3") == 1000.0
+
+
+@pytest.mark.parametrize(
+    "yaml_text, options, message",
+    [
+        ("mix_prob: 0.3\n", ["--method", "kd"], "mix_prob = 0.3 from the --config file has no effect on method 'kd': it acts only with mix cutmix or mixup"),
+        ("dkd_beta: 2\n", ["--method", "kd"], "dkd_beta = 2 from the --config file has no effect on method 'kd': it acts only with logit_loss dkd"),
+        ("dkd_alpha: 0.5\n", ["--method", "kd"], "dkd_alpha = 0.5 from the --config file"),
+        ("dist_gamma: 1\n", ["--method", "dkd"], "dist_gamma = 1 from the --config file has no effect on method 'dkd': it acts only with logit_loss dist"),
+        ("", ["--method", "student", "-T", "4"], "temperature = 4.0 from --temperature has no effect on method 'student'"),
+        ("", ["--method", "dkd", "-T", "4"], "temperature = 4.0 from --temperature has no effect on method 'dkd'"),
+        ("", ["--method", "kd", "--at-teacher-layer", "features.3"], "at_teacher_layer = 'features.3' from --at-teacher-layer"),
+        ("momentum: 0.5\n", ["--method", "kd"], "it acts only with optimizer sgd"),
+        ("warmup_epochs: 3\n", ["--method", "kd"], "it acts only with warmup_fraction > 0"),
+    ],
+    ids=["mix_prob", "dkd_beta", "dkd_alpha", "dist_gamma", "T-student", "T-dkd", "at-layer", "momentum-adam", "warmup-paper"],
+)
+def test_a_key_the_method_never_uses_is_refused(world, tmp_path, capsys, yaml_text, options, message):
+    argv = distill_args(world, tmp_path / "run", "--teacher", world["teacher"], *options)
+    argv.remove("--method"), argv.remove("student")  # the options above choose the method
+    if yaml_text:
+        (tmp_path / "c.yaml").write_text(yaml_text)
+        argv += ["--config", tmp_path / "c.yaml"]
+    line = one_error(argv, capsys)
+    assert message in line and "remove it" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_keys_that_act_or_restate_their_preset_are_accepted():
+    from igkd.distill.config import resolve_config
+
+    assert resolve_config("kd_cutmix", yaml_values={"mix_prob": 0.3}).mix_prob == 0.3  # acts
+    assert resolve_config("kd", yaml_values={"mix_prob": 1.0}).mix_prob == 1.0  # the preset's value: changes nothing
+    assert resolve_config("kd", logit_std=True, logit_std_temperature=3.0).logit_std_temperature == 3.0
+    assert resolve_config("dkd", dkd_beta=2.0, dkd_temperature=2.0).dkd_beta == 2.0
+    assert resolve_config("student", "teacher", warmup_epochs=1).warmup_epochs == 1
+    assert resolve_config("student", "teacher", warmup_epochs=0, warmup_fraction=0.0).warmup_fraction == 0  # "no warm-up", said twice
+    saved = resolve_config("kd_cutmix", seed=3).to_dict()  # a saved config, fed back whole, is accepted
+    assert resolve_config(**{k: v for k, v in saved.items() if k != "extra"}).to_dict() == saved
+
+
+def test_a_study_config_key_that_acts_on_none_of_its_methods_is_refused():
+    from igkd.experiments.studies import StudyOptions, check_inputs
+
+    options = StudyOptions(config_values={"dkd_beta": 2.0}, device="cpu")
+    configs = {m: options.config(m, "k17", 0) for m in ("student", "kd")}
+    with pytest.raises(IgkdError, match="dkd_beta = 2.0 from the --config file has no effect on any of the methods student, kd"):
+        check_inputs(configs, options, {"path": "t"}, None)
+    configs["dkd"] = options.config("dkd", "k17", 0)  # one method of the study uses it: the file is fine
+    check_inputs(configs, options, {"path": "t"}, None)
+
+
+def test_tuning_a_parameter_the_method_never_uses_is_refused(world, tmp_path):
+    from conftest import make_tiny_dataset
+
+    from igkd.experiments.tune import run_tune
+
+    with pytest.raises(IgkdError, match="temperature = 2.5 from --params has no effect on method 'student'"):
+        run_tune(make_tiny_dataset(), tmp_path / "tune", method="student", params="T", student="k17", epochs=1, device="cpu", progress=False)
+    assert not (tmp_path / "tune").exists()
+
+
+def test_report_skips_metrics_lines_that_are_not_records(tmp_path, capsys, monkeypatch):
+    from conftest import as_cohort_trainer, make_tiny_dataset
+
+    from igkd.experiments import studies
+
+    def trainer(config, dataset, out_dir, **kwargs):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").write_text('{"epoch": 1, "val_accuracy": 40.0, "train_loss": 1.5}\n5\n"x"\n[1, 2]\nnull\n')
+        summary = {"method": config.method, "seed": config.seed, "test_accuracy": 50.0 + config.seed, "val_accuracy": 50.0}
+        (out_dir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(executor, "_train", as_cohort_trainer(trainer))
+    study = tmp_path / "study"
+    studies.run_ablation(make_tiny_dataset(), study, methods="student", seeds=2, student="k17", epochs=1, device="cpu", progress=False)
+    before = tree(study)
+    status, _, err = cli(["report", study, "--out", tmp_path / "rep"], capsys)
+    assert status == 0 and "Traceback" not in err, err
+    figure = json.loads((tmp_path / "rep" / "report.json").read_text())["studies"][0]["figures"]["curves"]
+    assert "file" in figure and (tmp_path / "rep" / figure["file"]).is_file()  # drawn from the one record of each run
+    from igkd.experiments.studies import load_study
+    from igkd.report.tables import curves
+
+    assert [(c["epoch"], c["val_accuracy"]) for c in curves(load_study(study))] == [([1], [40.0])] * 2
+    assert tree(study) == before
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["evaluate", "--checkpoint", "{teacher}", "--dataset", "folder", "--data-dir", "{data}", "--device", "meta"],
+        ["bench", "latency", "--models", "k17", "--device", "meta"],
+        ["distill", "--method", "student", "--dataset", "folder", "--data-dir", "{data}", "--out", "{out}", "--student", "k17", "--device", "mps"],
+        ["ablation", "--dataset", "folder", "--data-dir", "{data}", "--out", "{out}", "--methods", "student", "--device", "mps"],
+        ["doctor", "--device", "meta"],
+    ],
+    ids=["evaluate-meta", "bench-meta", "distill-mps", "ablation-mps", "doctor-meta"],
+)
+def test_a_device_igkd_has_no_path_for_is_one_error_line(world, tmp_path, capsys, argv):
+    names = {"teacher": world["teacher"], "data": world["data"], "out": tmp_path / "out"}
+    line = one_error([str(a).format(**names) for a in argv], capsys)
+    assert "is not supported" in line and "auto, cpu, cuda or cuda:N" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_device_check_is_one_function():
+    from igkd.devices import parse_device, resolve_device
+
+    assert parse_device("auto") is None and parse_device("cuda:1") == torch.device("cuda:1") and resolve_device("cpu") == torch.device("cpu")
+    for bad, message in (("meta", "not supported"), ("mps", "not supported"), ("gpu", "unknown device"), ("cpu:2", "no index")):
+        with pytest.raises(IgkdError, match=message):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(IgkdError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    else:
+        with pytest.raises(IgkdError, match="CUDA GPU\\(s\\)"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_export_takes_a_run_folder(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(world["teacher"].read_bytes())
+    (run / "summary.json").write_text("{}")
+    status, stdout, err = cli(["export", run, "--format", "torchscript"], capsys)
+    assert status == 0 and "Traceback" not in err, err
+    assert str(run / "model.torchscript.pt") in stdout and (run / "model.torchscript.pt").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = one_error(["export", empty], capsys)
+    assert f"{empty} is a folder without model.safetensors" in line and "finished run folder" in line
+    assert not list(empty.iterdir())
+
+
+def test_methods_all_is_what_can_run_in_one_study(capsys):
+    from igkd.distill import METHODS
+    from igkd.experiments.studies import parse_methods
+
+    everything = parse_methods("all")
+    assert "kd_saliency" not in everything and everything == [m for m in METHODS if m != "kd_saliency"]
+    assert parse_methods("kd,kd_saliency") == ["kd", "kd_saliency"]  # still runnable by name, with a saliency cache
+    status, stdout, _ = cli(["ablation", "--help"], capsys)
+    assert status == 0 and "kd_saliency" in " ".join(stdout.split())

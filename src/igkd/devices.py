@@ -9,16 +9,40 @@ import torch
 from igkd.errors import IgkdError
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; ``cuda``/``cuda:N``/``cpu`` are taken as given."""
+#: The device names igkd's commands take (``--device``); the code has CPU and CUDA paths only.
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def parse_device(name: str = "auto") -> torch.device | None:
+    """The device a ``--device`` value names, without asking whether it is present (None for ``auto``).
+
+    Only ``auto``, ``cpu``, ``cuda`` and ``cuda:N`` are taken: other torch device types (``meta``,
+    ``mps``, ``xpu`` ...) parse, but igkd's training, IG and timing code has no path for them.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise IgkdError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise IgkdError(f"device {name!r} requested but no CUDA GPU is available: use --device cpu")
+    except (RuntimeError, TypeError, ValueError):
+        raise IgkdError(f"unknown device {name!r}: use {DEVICE_CHOICES}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise IgkdError(f"device {name!r} is not supported (igkd runs on the CPU or CUDA GPUs): use {DEVICE_CHOICES}")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise IgkdError(f"device {name!r}: the CPU has no index, use cpu")
+    return device
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cuda``/``cuda:N``/``cpu`` are taken as given, and
+    refused in one line when igkd cannot run there (:func:`parse_device`) or the GPU is not present."""
+    device = parse_device(name)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise IgkdError(f"device {name!r} requested but no CUDA GPU is available: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise IgkdError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ...): use another index")
     return device
 
 

@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
     @bench.command("latency")
     def bench_latency(
         models: Optional[str] = typer.Option(None, "--models", help="Comma-separated names (teacher,k3,...) or 'all' [default: all, unless --checkpoint is given]."),
-        checkpoints: Optional[List[Path]] = typer.Option(None, "--checkpoint", help="A model file to measure (repeatable)."),
+        checkpoints: Optional[List[Path]] = typer.Option(None, "--checkpoint", help="A model file or finished run folder to measure (repeatable)."),
         batch_sizes: str = typer.Option("1,64", "--batch-sizes", help="Comma-separated batch sizes."),
         repeats: int = typer.Option(30, "--repeats", help="Timed calls per figure (at least 20)."),
         warmup: int = typer.Option(5, "--warmup", help="Untimed calls before timing."),
@@ -121,6 +121,7 @@ def register(app: typer.Typer) -> None:
         from igkd.deploy.export import check_destination
         from igkd.deploy.latency import DEFAULT_CPU_BACKENDS, RANDOM_INIT, benchmark_latency, check_counts, check_setting
         from igkd.devices import resolve_device
+        from igkd.distill.run import resolve_checkpoint
         from igkd.models import STUDENT_KS, build_model, load_model, parse_model_name
 
         sizes = _positive_ints(batch_sizes, "--batch-sizes")
@@ -144,6 +145,7 @@ def register(app: typer.Typer) -> None:
             torch.manual_seed(0)
             entries.append((build_model(name), RANDOM_INIT))
         for checkpoint in checkpoints or []:
+            checkpoint = resolve_checkpoint(checkpoint)  # a model file, or a run folder's model.safetensors
             entries.append((load_model(checkpoint)[0], str(checkpoint)))
         with _progress(True) as progress:
             task = progress.add_task("measuring", total=None)
@@ -169,7 +171,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("export")
     def export_command(
-        checkpoint: Path = typer.Argument(..., help="Model file (igkd .safetensors, training checkpoint .pt, reference state dict)."),
+        checkpoint: Path = typer.Argument(..., help="Model file (igkd .safetensors, training checkpoint .pt, reference state dict) or a finished run folder (its model.safetensors)."),
         fmt: str = typer.Option("onnx", "--format", help="onnx, torchscript, executorch (extra 'executorch') or litert (extra 'litert')."),
         out: Optional[Path] = typer.Option(None, "--out", help="Output file [default: next to CKPT, .onnx / .torchscript.pt / .pte / .tflite]."),
         opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
@@ -191,6 +193,7 @@ def register(app: typer.Typer) -> None:
             PARITY_BATCH, SIDECAR_FORMATS, SUFFIXES, check_destination, check_format, check_opset, export_bytes, write_export,
         )
         from igkd.deploy.quantize import calibration_indices
+        from igkd.distill.run import resolve_checkpoint
         from igkd.evaluate import accuracy_report, predict_logits
         from igkd.models import load_model
 
@@ -205,6 +208,7 @@ def register(app: typer.Typer) -> None:
             raise IgkdError(f"--batch-size must be >= 1 (got {batch_size})")
         if int8:
             calibration_indices(1, calibration_size, seed)  # refuses --calibration-size < 1 before any work
+        checkpoint = resolve_checkpoint(checkpoint)  # a model file, or a run folder's model.safetensors
         suffix = (".int8" if int8 else "") + SUFFIXES[fmt]
         out = check_destination(out or checkpoint.with_name(checkpoint.stem + suffix))
         model, meta = load_model(checkpoint)
@@ -254,7 +258,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("quantize")
     def quantize_command(
-        checkpoint: Path = typer.Argument(..., help="Model file to quantise."),
+        checkpoint: Path = typer.Argument(..., help="Model file to quantise, or a finished run folder (its model.safetensors)."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="The model's dataset: training images calibrate, test images measure accuracy."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives / is cached."),
         out: Optional[Path] = typer.Option(None, "--out", help="int8 ONNX file [default: next to CKPT, .int8.onnx]."),
@@ -274,6 +278,7 @@ def register(app: typer.Typer) -> None:
         from igkd.deploy.export import check_destination
         from igkd.deploy.latency import check_counts
         from igkd.deploy.quantize import calibration_indices, check_calibration_method, quantize_onnx
+        from igkd.distill.run import resolve_checkpoint
         from igkd.models import load_model
 
         if dataset is None:
@@ -281,6 +286,7 @@ def register(app: typer.Typer) -> None:
         check_calibration_method(method)
         calibration_indices(1, calibration_size, seed)  # refuses --calibration-size < 1 before any work
         check_counts(repeats, warmup)
+        checkpoint = resolve_checkpoint(checkpoint)  # a model file, or a run folder's model.safetensors
         out = check_destination(out or checkpoint.with_suffix(".int8.onnx"))
         model, meta = load_model(checkpoint)
         data = load_dataset(dataset, data_dir, progress=not as_json)

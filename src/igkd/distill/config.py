@@ -251,8 +251,17 @@ def load_yaml(path: str | Path) -> dict:
     return check_types(values, f"config file {path}")
 
 
-def resolve_config(method: str = "student", recipe: str = "paper", yaml_values: dict | None = None, **overrides) -> TrainConfig:
-    """recipe -> method preset -> YAML -> overrides (``None`` overrides are ignored)."""
+def resolve_config(
+    method: str = "student", recipe: str = "paper", yaml_values: dict | None = None, *, check_unused: bool = True, **overrides
+) -> TrainConfig:
+    """recipe -> method preset -> YAML -> overrides (``None`` overrides are ignored).
+
+    With ``check_unused`` (the default), a key set in ``yaml_values`` or ``overrides`` to a value other
+    than its preset's, that has no effect on the resolved config (``mix_prob`` without mixing, DKD's
+    weights with the KD loss ...), is refused (:func:`refuse_no_effect`). Studies, which share one
+    config file among several methods, turn it off per run and check the file once
+    (:func:`igkd.experiments.studies.check_inputs`).
+    """
     yaml_values = dict(yaml_values or {})
     method = str(yaml_values.pop("method", method) if overrides.get("method") is None else overrides.pop("method")).lower()
     recipe = str(yaml_values.pop("recipe", recipe) if overrides.get("recipe") is None else overrides.pop("recipe")).lower()
@@ -267,7 +276,59 @@ def resolve_config(method: str = "student", recipe: str = "paper", yaml_values: 
     _check_keys(values, "the configuration")
     config = TrainConfig(**check_types(values, "the configuration"))
     validate(config)
+    if check_unused:
+        preset = preset_values(method, recipe)
+        places = {k: "the --config file" for k in yaml_values} | {k: f"--{k.replace('_', '-')}" for k in given}
+        refuse_no_effect([config], {k: where for k, where in places.items() if getattr(config, k) != preset.get(k)})
     return config
+
+
+def preset_values(method: str, recipe: str) -> dict:
+    """Every key's value before a config file or option sets it: the field default, then the recipe, then the method."""
+    return {**TrainConfig().to_dict(), **RECIPES[recipe], **METHODS[method]}
+
+
+#: Keys that act only under a condition of the config: key -> (whether it acts, what makes it act).
+CONDITIONAL_KEYS: dict[str, tuple] = {
+    "temperature": (lambda c: c.logit_loss == "kd" and c.alpha > 0 and not c.logit_std,
+                    "Hinton KD (alpha > 0, logit_loss kd) without logit_std (which uses logit_std_temperature)"),
+    **{key: (lambda c: c.logit_loss == "dkd", "logit_loss dkd") for key in ("dkd_alpha", "dkd_beta", "dkd_warmup")},
+    "dkd_temperature": (lambda c: c.logit_loss == "dkd" and not c.logit_std, "logit_loss dkd without logit_std (which uses logit_std_temperature)"),
+    **{key: (lambda c: c.logit_loss == "dist", "logit_loss dist") for key in ("dist_beta", "dist_gamma")},
+    "dist_temperature": (lambda c: c.logit_loss == "dist" and not c.logit_std, "logit_loss dist without logit_std (which uses logit_std_temperature)"),
+    "logit_std_temperature": (lambda c: c.logit_std, "logit_std true"),
+    **{key: (lambda c: c.p > 0, "the overlay (p > 0)") for key in ("ig_scale_low", "ig_scale_high")},
+    "random_map_sigma": (lambda c: c.p > 0 and c.overlay_maps == "random", "overlay_maps random and p > 0"),
+    **{key: (lambda c: c.mix != "none", "mix cutmix or mixup") for key in ("mix_alpha", "mix_prob")},
+    **{key: (lambda c: c.gamma > 0, "attention transfer (gamma > 0)") for key in ("at_teacher_layer", "at_student_layer", "at_divider")},
+    **{key: (lambda c: c.optimizer == "sgd", "optimizer sgd") for key in ("momentum", "nesterov")},
+    "subset_seed": (lambda c: c.subset < 1, "a Monte Carlo subset (subset < 1)"),
+    # the warm-up lasts min(warmup_fraction * epochs, warmup_epochs) epochs: either at 0 turns it off (and
+    # setting one to 0 says so, whatever the other is)
+    "warmup_epochs": (lambda c: c.warmup_fraction > 0 or c.warmup_epochs == 0,
+                      "warmup_fraction > 0 (the warm-up is min(warmup_fraction x epochs, warmup_epochs))"),
+    "warmup_fraction": (lambda c: c.warmup_epochs > 0 or c.warmup_fraction == 0,
+                        "warmup_epochs > 0 (the warm-up is min(warmup_fraction x epochs, warmup_epochs))"),
+}
+
+
+def no_effect(config: TrainConfig, key: str) -> str | None:
+    """What would make ``key`` act on ``config`` (e.g. ``"mix cutmix or mixup"``), or None when it acts."""
+    acts, condition = CONDITIONAL_KEYS.get(key, (None, None))
+    return None if acts is None or acts(config) else condition
+
+
+def refuse_no_effect(configs: list[TrainConfig], places: dict[str, str]) -> None:
+    """Refuse, in one line, the first key of ``places`` (key -> where it was set) that acts on none of ``configs``."""
+    for key, where in places.items():
+        conditions = [no_effect(c, key) for c in configs]
+        if conditions and all(conditions):
+            methods = list(dict.fromkeys(c.method for c in configs))
+            whose = f"method {methods[0]!r}" if len(methods) == 1 else f"any of the methods {', '.join(methods)}"
+            raise IgkdError(
+                f"{key} = {getattr(configs[0], key)!r} from {where} has no effect on {whose}: it acts only with "
+                f"{conditions[0]}; remove it, or set that"
+            )
 
 
 def validate(config: TrainConfig) -> None:
@@ -312,3 +373,6 @@ def validate(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise IgkdError(message)
+    from igkd.devices import parse_device
+
+    parse_device(config.device)  # one line for a device igkd cannot use, before any data is loaded

@@ -482,8 +482,13 @@ class Trainer:
             return
         out.mkdir(parents=True, exist_ok=True)
         config_path = out / CONFIG
+        finished = read_summary(out / SUMMARY) is not None
+        if not self.resume and (finished or (out / SUMMARY).exists() or (out / MODEL).exists()):
+            raise IgkdError(f"{out} holds a finished run ({SUMMARY} or {MODEL} is there): use another --out, or remove that folder")
         if (out / CHECKPOINT).exists() and not self.resume:
             raise IgkdError(f"{out} already holds a run: continue it with --resume, or choose another --out")
+        if self.resume and not finished and (out / MODEL).exists() and not (out / CHECKPOINT).exists():
+            raise IgkdError(f"{out} holds {MODEL} but neither a readable {SUMMARY} nor {CHECKPOINT}: it cannot be resumed; use another --out, or remove that folder")
         if self.resume and config_path.exists():
             saved = _saved_config(config_path)
             current = json.loads(json.dumps(config.to_dict()))
@@ -494,6 +499,8 @@ class Trainer:
                     f"cannot resume {out}: its saved config differs in {', '.join(changed)} "
                     f"(e.g. {changed[0]}={saved.get(changed[0])!r} there vs {current[changed[0]]!r} now); use the same options or another --out"
                 )
+        if finished:
+            return  # resumed when finished: run() reports its summary, and nothing in the folder is rewritten
         atomic_write_json(config_path, config.to_dict())
         remove_stale_temporaries(out, RUN_FILES)  # left by a write killed half-way
         if not (out / CHECKPOINT).exists():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 from igkd.distill.config import TrainConfig
-from igkd.distill.loop import MODEL, train
+from igkd.distill.loop import MODEL, SUMMARY, read_summary, train
 from igkd.errors import IgkdError
 
 
@@ -119,7 +120,13 @@ def run_training(
     progress: bool = True,
     on_epoch_end=None,
 ) -> dict:
-    """Load what ``config`` needs (teacher, IG maps), then train the run in ``out_dir``; returns its summary."""
+    """Load what ``config`` needs (teacher, IG maps), then train the run in ``out_dir``; returns its summary.
+
+    A finished run is never trained over: without ``resume`` its folder is refused, with it the run's
+    summary is returned as it is (said on stderr with ``progress``).
+    """
     refuse_foreign_folder(out_dir)
+    if resume and progress and read_summary(Path(out_dir) / SUMMARY) is not None:
+        print(f"{out_dir} holds a finished run: nothing to train (its summary follows)", file=sys.stderr)
     inputs = load_inputs([config], dataset, teacher_path=teacher_path, attributions_dir=attributions_dir)
     return train(config, dataset, out_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end, **inputs)

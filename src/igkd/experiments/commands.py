@@ -135,10 +135,12 @@ COHORT_HELP = (
 
 
 def _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size=None):
+    from igkd.devices import parse_device
     from igkd.distill.config import load_yaml
     from igkd.distill.executor import check_cohort_size
     from igkd.experiments.studies import StudyOptions
 
+    parse_device(device)  # before the dataset is loaded
     return StudyOptions(
         teacher=teacher, attributions=attributions, recipe=recipe, config_values=load_yaml(config) if config else None,
         epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, device=device,
@@ -189,7 +191,7 @@ def _register_studies(app: typer.Typer) -> None:
     def ablation_command(
         dataset: str = typer.Option(..., help=DATASET_HELP),
         out: Path = typer.Option(..., help="Study folder (created; re-run the same command to continue it)."),
-        methods: str = typer.Option("paper", help="paper (its 8 methods: student,kd,ig,kd_ig,at,kd_at,ig_at,kd_ig_at), all, or a comma-separated list (igkd methods)."),
+        methods: str = typer.Option("paper", help="paper (its 8 methods: student,kd,ig,kd_ig,at,kd_at,ig_at,kd_ig_at), all (every method but kd_saliency, which needs a saliency cache: run it by name in a study of its own), or a comma-separated list (igkd methods)."),
         seeds: int = typer.Option(5, help="Seeds 0..N-1 for every method (run r of each method shares seed r: paired)."),
         student: str = typer.Option("k5", help="Student k3 ... k17."),
         teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder (needed by kd/ig/at methods)."),
@@ -219,7 +221,7 @@ def _register_studies(app: typer.Typer) -> None:
     def montecarlo_command(
         dataset: str = typer.Option(..., help=DATASET_HELP),
         out: Path = typer.Option(..., help="Study folder (created; re-run the same command to continue it)."),
-        methods: str = typer.Option("paper", help="paper (its 8 methods), all, or a comma-separated list of methods."),
+        methods: str = typer.Option("paper", help="paper (its 8 methods), all (every method but kd_saliency, which needs a saliency cache: run it by name in a study of its own), or a comma-separated list of methods."),
         runs: int = typer.Option(10, help="Runs 0..N-1: run r of every method uses seed r and the same subset (paired)."),
         subset: float = typer.Option(0.8, help="Stratified fraction of the training split (minus validation) per run."),
         independent: bool = typer.Option(False, "--independent", help="Draw seed and subset per method and run (the published, unpaired design; Welch)."),
@@ -255,7 +257,7 @@ def _register_studies(app: typer.Typer) -> None:
         dataset: str = typer.Option(..., help=DATASET_HELP),
         out: Path = typer.Option(..., help="Study folder (created; re-run the same command to continue it)."),
         students: str = typer.Option("all", help="all, or a comma-separated list such as k3,k5,k9,k17."),
-        methods: str = typer.Option("student,kd_ig", help="Comma-separated methods (or all)."),
+        methods: str = typer.Option("student,kd_ig", help="Comma-separated methods, or all (every method but kd_saliency, which needs a saliency cache: run it by name in a study of its own)."),
         seeds: int = typer.Option(1, help="Seeds 0..N-1 per student and method."),
         teacher: Optional[Path] = typer.Option(None, help="Teacher model file (also the reference of the compression factor)."),
         attributions: Optional[Path] = typer.Option(None, help="IG cache folder (needed by ig methods)."),

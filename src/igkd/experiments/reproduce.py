@@ -186,26 +186,36 @@ def parse_budget(text: str | None) -> float | None:
         seconds = float(value) * units[unit]
     except ValueError:
         raise IgkdError(f"--budget {text!r} is not a duration: use e.g. 25m, 90s or 1.5h") from None
-    if seconds <= 0:
-        raise IgkdError(f"--budget must be positive, got {text!r}")
+    if not 0 < seconds < float("inf"):  # also refuses nan, which would be a budget that never runs out
+        raise IgkdError(f"--budget must be a positive, finite duration (e.g. 25m, 90s or 1.5h), got {text!r}")
     return seconds
 
 
 def parse_stages(text: str | None) -> list[str]:
-    """``1,2,3`` or names (``teacher,ig``) or ranges (``1-3``); default all."""
-    if not text:
+    """``1,2,3`` or names (``teacher,ig``) or ranges (``1-3``); None (no --stages) = all.
+
+    An empty text, a number outside 1-N and a range outside it or reversed (``3-1``) are refused, so
+    that no --stages value runs every stage or none of them by mistake.
+    """
+    if text is None:
         return list(STAGES)
+    valid = f"use numbers 1-{len(STAGES)}, ranges such as 2-4, or names {', '.join(STAGES)}"
+    items = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not items:
+        raise IgkdError(f"--stages {text!r} names no stage: {valid} (leave --stages out to run them all)")
     chosen = []
-    for item in (t.strip().lower() for t in text.split(",") if t.strip()):
+    for item in items:
         if "-" in item and all(part.isdigit() for part in item.split("-", 1)):
             low, high = (int(part) for part in item.split("-", 1))
-            chosen += [STAGES[i - 1] for i in range(low, high + 1) if 1 <= i <= len(STAGES)]
+            if not 1 <= low <= high <= len(STAGES):
+                raise IgkdError(f"stage range {item!r} is not an increasing range within 1-{len(STAGES)}: {valid}")
+            chosen += STAGES[low - 1 : high]
         elif item.isdigit() and 1 <= int(item) <= len(STAGES):
             chosen.append(STAGES[int(item) - 1])
         elif item in STAGES:
             chosen.append(item)
         else:
-            raise IgkdError(f"unknown stage {item!r}: use numbers 1-{len(STAGES)} or names {', '.join(STAGES)}")
+            raise IgkdError(f"unknown stage {item!r}: {valid}")
     return [s for s in STAGES if s in chosen]
 
 

@@ -93,6 +93,7 @@ class StudyOptions:
         values.pop("recipe", None)
         return resolve_config(
             yaml_values=values,
+            check_unused=False,  # one config file serves every method of the study: check_inputs checks it once
             method=method,
             recipe=recipe,
             student=student,
@@ -111,14 +112,23 @@ class StudyOptions:
 # -- small parsers shared by the commands ------------------------------------------------------
 
 
+def methods_of_one_cache() -> list[str]:
+    """``--methods all``: every method that can run in one study, i.e. all but those whose overlay needs a
+    cache other than IG maps (``kd_saliency``, a saliency cache: a study has one cache, so it runs by name
+    in a study of its own)."""
+    from igkd.distill.controls import expected_attribution_method
+
+    return [m for m, preset in METHODS.items() if expected_attribution_method(preset.get("overlay_maps", "ig")) == "ig"]
+
+
 def parse_methods(text: str | list[str]) -> list[str]:
-    """``paper`` (the paper's eight methods), ``all`` (every method) or a comma-separated list of method
-    names (order kept, repeats dropped)."""
+    """``paper`` (the paper's eight methods), ``all`` (every method that can run in one study:
+    :func:`methods_of_one_cache`) or a comma-separated list of method names (order kept, repeats dropped)."""
     items = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     if items == ["paper"]:
         return list(PAPER_METHODS)
     if items == ["all"]:
-        return list(METHODS)
+        return methods_of_one_cache()
     unknown = [m for m in items if m not in METHODS]
     if unknown or not items:
         problem = f"unknown method {unknown[0]!r}" if unknown else "no methods given"
@@ -237,7 +247,12 @@ def _reference_params(teacher: dict | None, dataset) -> tuple[int, str]:
 
 
 def check_inputs(configs: dict, options: StudyOptions, teacher: dict | None, attributions: dict | None) -> None:
-    """Fail before any training when a planned run could not start."""
+    """Fail before any training when a planned run could not start, or the config file sets a key that acts
+    on none of the planned runs (:func:`igkd.distill.config.refuse_no_effect`)."""
+    from igkd.distill.config import refuse_no_effect
+
+    file_keys = [k for k in options.config_values or {} if k != "recipe"]
+    refuse_no_effect(list(configs.values()), {k: "the --config file" for k in file_keys})
     for method, config in configs.items():
         if (config.uses_teacher or config.p > 0) and teacher is None:
             raise IgkdError(f"method {method!r} needs a teacher: pass --teacher CKPT")

@@ -600,6 +600,9 @@ def _check_space(dataset, space: dict, method: str, student: str, seed: int, opt
     for name, spec in space.items():
         for value in spec.get("values") or [spec["low"], spec["high"]]:
             configs[f"{method} {name}={value:g}"] = options.config(method, student, seed, **{name: value})
+    from igkd.distill.config import refuse_no_effect
+
+    refuse_no_effect(list(configs.values()), {name: "--params" for name in space})  # e.g. T of a method without KD
     teacher, attributions = studies.input_records(options, dataset, configs)
     studies.check_inputs(configs, options, teacher, attributions)
     return base, teacher, attributions

@@ -211,9 +211,11 @@ def curves(study: dict) -> list[dict]:
         records = []
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 continue  # a line cut by a crash: the others still plot
+            if isinstance(record, dict):  # a line that is not an epoch's record (5, "x", [..]) is skipped alike
+                records.append(record)
         if records:
             out.append({
                 "run_id": run["run_id"], "method": run["method"], "student": run.get("student"),

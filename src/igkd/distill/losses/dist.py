@@ -9,7 +9,9 @@ and the Pearson correlation rho(u, v) = Cov(u, v) / (Std(u) Std(v)):
     L       = CE(z, y) + beta * L_inter + gamma * L_intra
 
 (the tau^2 factor as in the authors' code). CIFAR-100 setting: beta = gamma = 2, tau = 4, CE weight 1
-(ImageNet: beta = gamma = 1, tau = 1). rho is computed as the cosine of the centred vectors with 1e-8
+(the authors' dist_cifar.yaml: ``dist_t4``, beta = gamma = 1 and tau = 4, times a loss weight of 2).
+ImageNet: the loss's beta = gamma = 1, tau = 1, and the authors' ImageNet configs multiply it by a loss
+weight of 2, so effectively beta = gamma = 2 with tau = 1. rho is computed as the cosine of the centred vectors with 1e-8
 added to the product of norms, as the authors' code does, so a constant vector has rho = 0, not NaN.
 
 Here: logits ``[G, B, K]`` (member-major); L_intra correlates each class's column over *that member's*

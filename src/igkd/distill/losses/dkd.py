@@ -16,7 +16,7 @@ and DKD weights the two freely, dropping NCKD's (1 - p_t^teacher) factor:
 The T^2 factor and the linear warm-up of the DKD weight over the first ``warmup`` epochs (epoch
 counted from 1, so the first epoch has weight 1/warmup) are those of the authors' code (mdistiller,
 ``DKD.WARMUP`` 20 of 240 epochs). CIFAR-100 settings (mdistiller configs): alpha 1, T 4, warm-up 20
-epochs, beta 8 by default (``BETA`` 2 for ResNet56->ResNet20, 6 for several pairs); CE weight 1.
+epochs, beta 8 by default (``BETA`` 2 for ResNet56->ResNet20 and ResNet110->ResNet32, 6 for several pairs); CE weight 1.
 
 Here: per-member tensors, student/teacher logits ``[G, B, K]``, labels ``[G, B]``, alpha, beta, T
 floats or ``[G]``; the result is ``[G]``. log(1 - p_t) is computed as a difference of log-sum-exps,

@@ -12,8 +12,10 @@ T^2 factor of the term it modifies is kept, with T = tau (as the authors' code d
 
 ``std`` is the unbiased (K - 1) standard deviation and ``eps`` = 1e-7 is added to it, as in the
 authors' released code (arXiv 2403.01427, github.com/sunshangquan/logit-standardization-KD), which
-produced the published numbers; with the population (K) standard deviation the same loss needs a
-base temperature sqrt(K / (K - 1)) times larger (2.108 instead of 2 for K = 10).
+produced the published numbers. The population (K) standard deviation is not the same loss: its
+z-scores are sqrt(K / (K - 1)) times larger, so it needs a base temperature that much larger (2.108
+instead of 2 for K = 10) for the same softened probabilities, and then the T^2 factor makes its loss
+K / (K - 1) times larger (1.111x at K = 10).
 
 Only the distillation terms see standardised logits; the cross-entropy with the labels uses the raw
 logits. Here it is a switch (``logit_std``) on KD, DKD and DIST: :class:`igkd.distill.objective.Objective`
