@@ -89,6 +89,7 @@ def register(app: typer.Typer) -> None:
         width: Optional[float] = typer.Option(None, help="Student width multiplier."),
         val_fraction: Optional[float] = typer.Option(None),
         device: str = typer.Option("auto"),
+        cpu_bf16: Optional[str] = typer.Option(None, help="On a CPU with native bf16: off, teacher (the teacher's forward) or all (docs/training.md, 'Precision on a CPU')."),
         compile: bool = typer.Option(False, "--compile"),
         resume: bool = typer.Option(False, "--resume"),
         as_json: bool = typer.Option(False, "--json"),
@@ -108,6 +109,7 @@ def register(app: typer.Typer) -> None:
             student=student, seed=seed, subset=subset, subset_seed=subset_seed, epochs=epochs, batch_size=batch_size,
             lr=lr, alpha=alpha, temperature=temperature, p=p, gamma=gamma, at_teacher_layer=at_teacher_layer,
             at_student_layer=at_student_layer, logit_loss=logit_loss, logit_std=logit_std, overlay_maps=overlay_maps, mix=mix, width=width, val_fraction=val_fraction, device=device, compile=compile or None,
+            cpu_bf16=cpu_bf16,
         )
         data = load_dataset(dataset, data_dir)
         summary = run_training(cfg, data, out, teacher_path=teacher, attributions_dir=attributions, resume=resume, progress=not as_json)

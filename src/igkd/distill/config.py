@@ -303,6 +303,7 @@ CONDITIONAL_KEYS: dict[str, tuple] = {
     **{key: (lambda c: c.gamma > 0, "attention transfer (gamma > 0)") for key in ("at_teacher_layer", "at_student_layer", "at_divider")},
     **{key: (lambda c: c.optimizer == "sgd", "optimizer sgd") for key in ("momentum", "nesterov")},
     "subset_seed": (lambda c: c.subset < 1, "a Monte Carlo subset (subset < 1)"),
+    "cpu_bf16": (lambda c: c.cpu_bf16 != "teacher" or c.uses_teacher, "a teacher term (KD, DKD, DIST or attention); cpu_bf16 all also covers the student"),
     # the warm-up lasts min(warmup_fraction * epochs, warmup_epochs) epochs: either at 0 turns it off (and
     # setting one to 0 says so, whatever the other is)
     "warmup_epochs": (lambda c: c.warmup_fraction > 0 or c.warmup_epochs == 0,
