@@ -33,7 +33,7 @@ from igkd.atomic import append_jsonl, atomic_torch_save, atomic_write_json, atom
 from igkd.data.dataset import Dataset
 from igkd.data.loader import DeviceLoader
 from igkd.data.splits import stratified_subset, train_val_split
-from igkd.devices import autocast, frozen_copy, prepare_model, resolve_device
+from igkd.devices import autocast, frozen_copy, full_precision, prepare_model, resolve_device, unit_pixels
 from igkd.distill.config import TrainConfig
 from igkd.distill.controls import apply_mix, mix_draws, overlay_maps_for
 from igkd.distill.distributed import DistContext
@@ -151,7 +151,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
     statistics are exact averages over ``images`` (momentum ``None``). Returns the number of images used.
     """
     batches = (
-        images[start : start + batch_size].to(device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
+        unit_pixels(images[start : start + batch_size].to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         for start in range(0, len(images), batch_size)
     )
     return len(images) if recalibrate_with(model, model, batches, device, amp) else 0
@@ -620,19 +620,19 @@ class Trainer:
         shared = bool((index == index[:1]).all())
         for start in range(0, index.shape[1], batch_size):
             part = index[:1 if shared else self.G, start : start + batch_size]
-            x = images[part.reshape(-1)].to(self.device, non_blocking=True).float().div_(255).unflatten(0, part.shape)
+            x = unit_pixels(images[part.reshape(-1)].to(self.device, non_blocking=True)).unflatten(0, part.shape)
             yield x.expand(self.G, *x.shape[1:]) if shared else x
 
     @torch.no_grad()
     def _predict(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Logits ``[G, N, K]`` (float32, CPU) of every member, in eval mode."""
+        """Logits ``[G, N, K]`` (float32, or float64 in a float64 training; CPU) of every member, in eval mode."""
         was_training = self.model.training
         self.model.eval()
         outputs = []
         try:
             for x in self._member_batches(images, index, self.config.eval_batch_size):
                 with autocast(self.device, self.config.amp):
-                    outputs.append(self._forward(x).float().cpu())
+                    outputs.append(full_precision(self._forward(x)).cpu())
         finally:
             self.model.train(was_training)
         return torch.cat(outputs, 1)
