@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -49,12 +51,14 @@ from igkd.provenance import environment
 from igkd.torch_io import load_torch
 
 CHECKPOINT = "checkpoint.pt"
+#: A cohort member's new checkpoint, written next to its last one until every member has one (see :func:`resume_checkpoint`).
+PENDING = "checkpoint.next.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 MODEL = "model.safetensors"
 #: The files a run writes atomically; a kill mid-write leaves ``.<name>.*.tmp``, removed when the run starts again.
-RUN_FILES = (CHECKPOINT, METRICS, SUMMARY, CONFIG, MODEL)
+RUN_FILES = (CHECKPOINT, PENDING, METRICS, SUMMARY, CONFIG, MODEL)
 
 
 def split_plan(config: TrainConfig, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -234,6 +238,52 @@ def read_summary(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) and "test_accuracy" in summary else None
+
+
+def resume_checkpoint(out: Path) -> Path | None:
+    """The checkpoint the run in ``out`` resumes from (None: it starts at epoch 1). Reads, never writes.
+
+    A cohort saves its members' checkpoints as one unit, in two phases (:meth:`Trainer._save_checkpoint`):
+    every member's new checkpoint is written as ``checkpoint.next.pt`` beside its last one, then each is
+    renamed onto ``checkpoint.pt``. A kill between two members' writes leaves some members a pending
+    checkpoint: the run resumes from it when the renames had begun (a fellow member's ``checkpoint.pt``
+    is of the same save, so every member has the new epoch), else from its ``checkpoint.pt``, like every
+    other member. Either way all members resume at one epoch, and each folder alone is a single run's.
+    """
+    out = Path(out)
+    pending = out / PENDING
+    if pending.exists() and _renames_began(out, pending):
+        return pending
+    return out / CHECKPOINT if (out / CHECKPOINT).exists() else None
+
+
+def _renames_began(out: Path, pending: Path) -> bool:
+    """Whether some other member of the pending checkpoint's cohort save holds that save as its ``checkpoint.pt``."""
+    save = load_torch(pending, map_location="cpu", what="training checkpoint").get("cohort") or {}
+    for relative in save.get("members", []):
+        other = (out / relative).resolve()
+        if other == out.resolve() or not (other / CHECKPOINT).exists():
+            continue
+        if (load_torch(other / CHECKPOINT, map_location="cpu", what="training checkpoint").get("cohort") or {}).get("save") == save["save"]:
+            return True
+    return False
+
+
+def settle_checkpoint(out: Path) -> None:
+    """Finish or undo a cohort save that a kill cut short (:func:`resume_checkpoint`): afterwards ``checkpoint.pt``
+    is the checkpoint to resume from and no pending one is left."""
+    pending = Path(out) / PENDING
+    if not pending.exists():
+        return
+    if resume_checkpoint(out) == pending:
+        _commit_checkpoint(Path(out))
+    else:
+        pending.unlink()
+
+
+def _commit_checkpoint(out: Path) -> None:
+    """Phase 2 of a cohort's save, for one member: its pending checkpoint replaces its last one (one rename)."""
+    os.replace(out / PENDING, out / CHECKPOINT)
 
 
 def run_environment(device: torch.device) -> dict:
@@ -466,7 +516,7 @@ class Trainer:
             return
         out.mkdir(parents=True, exist_ok=True)
         config_path = out / CONFIG
-        if (out / CHECKPOINT).exists() and not self.resume:
+        if ((out / CHECKPOINT).exists() or (out / PENDING).exists()) and not self.resume:
             raise IgkdError(f"{out} already holds a run: continue it with --resume, or choose another --out")
         if self.resume and config_path.exists():
             saved = json.loads(config_path.read_text())
@@ -480,11 +530,12 @@ class Trainer:
                 )
         atomic_write_json(config_path, config.to_dict())
         remove_stale_temporaries(out, RUN_FILES)  # left by a write killed half-way
+        settle_checkpoint(out)  # a cohort's save cut short between two members: finish or undo it
         if not (out / CHECKPOINT).exists():
             _truncate_metrics(out / METRICS, 0)  # killed before its first checkpoint: its epochs start over
 
     def _load_checkpoint(self) -> None:
-        paths = [m.out / CHECKPOINT for m in self.members]
+        paths = [m.out / CHECKPOINT for m in self.members]  # settled by _prepare_folder
         if not self.resume or not any(p.exists() for p in paths):
             return
         # On the CPU: RNG states must be CPU ByteTensors (torch.set_rng_state, Generator.set_state);
@@ -526,9 +577,21 @@ class Trainer:
             optimizers = split_optimizer_state(self.model, self.optimizer)
             per_member = [(member_state(self.model, g), self.model.specs[g], optimizers[g]) for g in range(self.G)]
         drawn_by = {g: self.overlay_first[self.overlay_views.index(v)] for g, v in enumerate(self.member_view) if v in self.overlay_views}
+        states = []
         for g, (m, (model_state, spec, optimizer_state)) in enumerate(zip(self.members, per_member)):
             generator = self.members[drawn_by.get(g, g)].generator  # members sharing a view share its draws
-            atomic_torch_save(m.out / CHECKPOINT, {"model": model_state, "spec": spec, "optimizer": optimizer_state, "rng": _rng_state(generator), **common})
+            states.append({"model": model_state, "spec": spec, "optimizer": optimizer_state, "rng": _rng_state(generator), **common})
+        if self.G == 1:
+            atomic_torch_save(self.out / CHECKPOINT, states[0])
+            return
+        # A cohort's checkpoint is one unit (all members at the new epoch, or all at the last): write every
+        # member's new checkpoint beside its last one, then rename them into place (see resume_checkpoint).
+        save = uuid.uuid4().hex
+        for m, state in zip(self.members, states):
+            members = [os.path.relpath(other.out.resolve(), m.out.resolve()) for other in self.members]
+            atomic_torch_save(m.out / PENDING, {**state, "cohort": {"members": members, "save": save}})
+        for m in self.members:
+            _commit_checkpoint(m.out)
 
     def _check_environment(self, state: dict, out: Path) -> None:
         """Warn (one line) when the run resumes with other CPU threads or another device type than it was saved with."""

@@ -605,7 +605,8 @@ def load_study(path: str | Path) -> dict:
     for entry in entries:
         run_dir = out / RUNS_DIR / entry["run_id"]
         summary = read_json_object(run_dir / "summary.json")
-        status = "finished" if summary is not None else "interrupted" if (run_dir / "checkpoint.pt").exists() else "pending"
+        started = (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.next.pt").exists()  # the latter: a cohort's save cut short
+        status = "finished" if summary is not None else "interrupted" if started else "pending"
         runs.append({
             **entry,
             "dir": str(run_dir),
