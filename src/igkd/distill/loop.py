@@ -342,7 +342,8 @@ class Trainer:
 
     ``config``/``out_dir``: one config and folder (a single run; ``run()`` returns its summary), or lists
     of G of each (a cohort; ``run()`` returns the G summaries). Cohort members must agree in
-    :data:`COHORT_SHARED`; each is trained as its own single run would be, up to floating-point rounding.
+    :data:`COHORT_SHARED`; each is trained as its own single run would be in exact arithmetic (the fused
+    network sums in another order; docs/training.md, "Cohorts", says what that means in float32).
     """
 
     def __init__(
