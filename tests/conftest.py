@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -21,6 +22,26 @@ def make_tiny_dataset(n_train: int = 64, n_test: int = 32, size: int = 16, class
 @pytest.fixture
 def tiny_dataset():
     return make_tiny_dataset()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """``torch.set_default_dtype(dtype)`` inside the block, the previous default after it."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield dtype
+    finally:
+        torch.set_default_dtype(before)
+
+
+@pytest.fixture
+def float64():
+    """Everything built while the test runs (models, the loop's batches, losses) is float64: two trainings that
+    differ only in the order of their sums then agree to ~1e-11, on any CPU and thread count (float32 training
+    amplifies rounding, which depends on the CPU's vector units, into differences of 1e-4 .. 1e-1)."""
+    with default_dtype(torch.float64):
+        yield torch.float64
 
 
 def as_cohort_trainer(train_one):

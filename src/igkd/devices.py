@@ -66,6 +66,19 @@ def autocast(device: torch.device, enabled: bool = True, cpu: bool = False):
     return contextlib.nullcontext()
 
 
+def full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in at least the default float dtype: autocast's bfloat16 outputs and float16 maps become
+    float32; float32 and float64 stay as they are, so a training in float64 (``torch.set_default_dtype``,
+    as the cohort equivalence tests run it) stays in float64 throughout."""
+    return tensor.type(torch.promote_types(tensor.dtype, torch.get_default_dtype()))  # a cast, no device copy
+
+
+def unit_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> [0, 1] in the default float dtype (float32; float64 under ``torch.set_default_dtype``):
+    true division of integers computes in the default dtype, bit for bit as ``images.float() / 255`` in float32."""
+    return images.div(255)
+
+
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Move to device in channels_last layout: faster convolutions on CUDA (tensor cores), and on
     the CPU for training too (benchmarks/train_throughput.py times igkd's step in this layout)."""

@@ -22,6 +22,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from igkd.devices import full_precision, unit_pixels
 from igkd.errors import IgkdError
 
 
@@ -158,11 +159,11 @@ class DeviceLoader:
                 images = crop_flip(images, *offsets, pad)
             extras = {}
             for name, tensor in self.extras.items():
-                sample = tensor[idx].float()
+                sample = full_precision(tensor[idx])
                 squeeze = sample.ndim == 3
                 if squeeze:
                     sample = sample[:, None]
                 if geometric:
                     sample = crop_flip(sample, *offsets, pad)
                 extras[name] = sample[:, 0] if squeeze else sample
-            yield Batch(idx, images.float().div_(255), self.labels[idx], extras, self.streams)
+            yield Batch(idx, unit_pixels(images), self.labels[idx], extras, self.streams)

@@ -82,7 +82,7 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
 
 def smooth_noise(n: int, height: int, width: int, sigma: float, generator: torch.Generator) -> torch.Tensor:
     """``[n, H, W]`` white noise blurred by a separable Gaussian of ``sigma`` pixels (reflect padding)."""
-    noise = torch.randn(n, 1, height, width, generator=generator)
+    noise = torch.randn(n, 1, height, width, generator=generator, dtype=torch.float32)  # the same maps whatever the default dtype
     k = _gaussian_kernel(sigma)
     r = k.numel() // 2
     pad_h, pad_w = min(r, height - 1), min(r, width - 1)

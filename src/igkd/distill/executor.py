@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from igkd.distill.config import TrainConfig
-from igkd.distill.loop import CHECKPOINT, SUMMARY, cohort_key, read_summary, train_cohort
+from igkd.distill.loop import SUMMARY, cohort_key, read_summary, resume_checkpoint, train_cohort
 from igkd.distill.run import load_inputs, refuse_foreign_folder
 from igkd.errors import IgkdError
 
@@ -64,11 +64,12 @@ def check_cohort_size(value: int | None) -> int | None:
 
 
 def checkpoint_epoch(run: Run) -> int:
-    """The epoch of the run's checkpoint (0 without one)."""
+    """The epoch the run resumes after (0 without a checkpoint); the members of a cohort whose save a kill cut
+    short all resume at one epoch (:func:`igkd.distill.loop.resume_checkpoint`), so they form that cohort again."""
     from igkd.torch_io import load_torch
 
-    path = run.out / CHECKPOINT
-    if not path.exists():
+    path = resume_checkpoint(run.out)
+    if path is None:
         return 0
     return int(load_torch(path, map_location="cpu", what="training checkpoint")["epoch"])
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +35,7 @@ from igkd.atomic import append_jsonl, atomic_torch_save, atomic_write_json, atom
 from igkd.data.dataset import Dataset
 from igkd.data.loader import DeviceLoader
 from igkd.data.splits import stratified_subset, train_val_split
-from igkd.devices import autocast, frozen_copy, prepare_model, resolve_device
+from igkd.devices import autocast, frozen_copy, full_precision, prepare_model, resolve_device, unit_pixels
 from igkd.distill.config import TrainConfig
 from igkd.distill.controls import apply_mix, mix_draws, overlay_maps_for
 from igkd.distill.distributed import DistContext
@@ -49,12 +51,14 @@ from igkd.provenance import environment
 from igkd.torch_io import load_torch
 
 CHECKPOINT = "checkpoint.pt"
+#: A cohort member's new checkpoint, written next to its last one until every member has one (see :func:`resume_checkpoint`).
+PENDING = "checkpoint.next.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 MODEL = "model.safetensors"
 #: The files a run writes atomically; a kill mid-write leaves ``.<name>.*.tmp``, removed when the run starts again.
-RUN_FILES = (CHECKPOINT, METRICS, SUMMARY, CONFIG, MODEL)
+RUN_FILES = (CHECKPOINT, PENDING, METRICS, SUMMARY, CONFIG, MODEL)
 
 
 def split_plan(config: TrainConfig, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -151,7 +155,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
     statistics are exact averages over ``images`` (momentum ``None``). Returns the number of images used.
     """
     batches = (
-        images[start : start + batch_size].to(device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
+        unit_pixels(images[start : start + batch_size].to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         for start in range(0, len(images), batch_size)
     )
     return len(images) if recalibrate_with(model, model, batches, device, amp) else 0
@@ -248,6 +252,52 @@ def _saved_config(path: Path) -> dict:
     return saved
 
 
+def resume_checkpoint(out: Path) -> Path | None:
+    """The checkpoint the run in ``out`` resumes from (None: it starts at epoch 1). Reads, never writes.
+
+    A cohort saves its members' checkpoints as one unit, in two phases (:meth:`Trainer._save_checkpoint`):
+    every member's new checkpoint is written as ``checkpoint.next.pt`` beside its last one, then each is
+    renamed onto ``checkpoint.pt``. A kill between two members' writes leaves some members a pending
+    checkpoint: the run resumes from it when the renames had begun (a fellow member's ``checkpoint.pt``
+    is of the same save, so every member has the new epoch), else from its ``checkpoint.pt``, like every
+    other member. Either way all members resume at one epoch, and each folder alone is a single run's.
+    """
+    out = Path(out)
+    pending = out / PENDING
+    if pending.exists() and _renames_began(out, pending):
+        return pending
+    return out / CHECKPOINT if (out / CHECKPOINT).exists() else None
+
+
+def _renames_began(out: Path, pending: Path) -> bool:
+    """Whether some other member of the pending checkpoint's cohort save holds that save as its ``checkpoint.pt``."""
+    save = load_torch(pending, map_location="cpu", what="training checkpoint").get("cohort") or {}
+    for relative in save.get("members", []):
+        other = (out / relative).resolve()
+        if other == out.resolve() or not (other / CHECKPOINT).exists():
+            continue
+        if (load_torch(other / CHECKPOINT, map_location="cpu", what="training checkpoint").get("cohort") or {}).get("save") == save["save"]:
+            return True
+    return False
+
+
+def settle_checkpoint(out: Path) -> None:
+    """Finish or undo a cohort save that a kill cut short (:func:`resume_checkpoint`): afterwards ``checkpoint.pt``
+    is the checkpoint to resume from and no pending one is left."""
+    pending = Path(out) / PENDING
+    if not pending.exists():
+        return
+    if resume_checkpoint(out) == pending:
+        _commit_checkpoint(Path(out))
+    else:
+        pending.unlink()
+
+
+def _commit_checkpoint(out: Path) -> None:
+    """Phase 2 of a cohort's save, for one member: its pending checkpoint replaces its last one (one rename)."""
+    os.replace(out / PENDING, out / CHECKPOINT)
+
+
 def run_environment(device: torch.device) -> dict:
     """What a resumed run must share to continue bit-identically (docs/faults.md): CPU threads and device type."""
     return {"threads": torch.get_num_threads(), "device_type": device.type}
@@ -308,7 +358,8 @@ class Trainer:
 
     ``config``/``out_dir``: one config and folder (a single run; ``run()`` returns its summary), or lists
     of G of each (a cohort; ``run()`` returns the G summaries). Cohort members must agree in
-    :data:`COHORT_SHARED`; each is trained as its own single run would be, up to floating-point rounding.
+    :data:`COHORT_SHARED`; each is trained as its own single run would be in exact arithmetic (the fused
+    network sums in another order; docs/training.md, "Cohorts", says what that means in float32).
     """
 
     def __init__(
@@ -485,7 +536,7 @@ class Trainer:
         finished = read_summary(out / SUMMARY) is not None
         if not self.resume and (finished or (out / SUMMARY).exists() or (out / MODEL).exists()):
             raise IgkdError(f"{out} holds a finished run ({SUMMARY} or {MODEL} is there): use another --out, or remove that folder")
-        if (out / CHECKPOINT).exists() and not self.resume:
+        if ((out / CHECKPOINT).exists() or (out / PENDING).exists()) and not self.resume:
             raise IgkdError(f"{out} already holds a run: continue it with --resume, or choose another --out")
         if self.resume and not finished and (out / MODEL).exists() and not (out / CHECKPOINT).exists():
             raise IgkdError(f"{out} holds {MODEL} but neither a readable {SUMMARY} nor {CHECKPOINT}: it cannot be resumed; use another --out, or remove that folder")
@@ -503,11 +554,12 @@ class Trainer:
             return  # resumed when finished: run() reports its summary, and nothing in the folder is rewritten
         atomic_write_json(config_path, config.to_dict())
         remove_stale_temporaries(out, RUN_FILES)  # left by a write killed half-way
+        settle_checkpoint(out)  # a cohort's save cut short between two members: finish or undo it
         if not (out / CHECKPOINT).exists():
             _truncate_metrics(out / METRICS, 0)  # killed before its first checkpoint: its epochs start over
 
     def _load_checkpoint(self) -> None:
-        paths = [m.out / CHECKPOINT for m in self.members]
+        paths = [m.out / CHECKPOINT for m in self.members]  # settled by _prepare_folder
         if not self.resume or not any(p.exists() for p in paths):
             return
         # On the CPU: RNG states must be CPU ByteTensors (torch.set_rng_state, Generator.set_state);
@@ -549,9 +601,21 @@ class Trainer:
             optimizers = split_optimizer_state(self.model, self.optimizer)
             per_member = [(member_state(self.model, g), self.model.specs[g], optimizers[g]) for g in range(self.G)]
         drawn_by = {g: self.overlay_first[self.overlay_views.index(v)] for g, v in enumerate(self.member_view) if v in self.overlay_views}
+        states = []
         for g, (m, (model_state, spec, optimizer_state)) in enumerate(zip(self.members, per_member)):
             generator = self.members[drawn_by.get(g, g)].generator  # members sharing a view share its draws
-            atomic_torch_save(m.out / CHECKPOINT, {"model": model_state, "spec": spec, "optimizer": optimizer_state, "rng": _rng_state(generator), **common})
+            states.append({"model": model_state, "spec": spec, "optimizer": optimizer_state, "rng": _rng_state(generator), **common})
+        if self.G == 1:
+            atomic_torch_save(self.out / CHECKPOINT, states[0])
+            return
+        # A cohort's checkpoint is one unit (all members at the new epoch, or all at the last): write every
+        # member's new checkpoint beside its last one, then rename them into place (see resume_checkpoint).
+        save = uuid.uuid4().hex
+        for m, state in zip(self.members, states):
+            members = [os.path.relpath(other.out.resolve(), m.out.resolve()) for other in self.members]
+            atomic_torch_save(m.out / PENDING, {**state, "cohort": {"members": members, "save": save}})
+        for m in self.members:
+            _commit_checkpoint(m.out)
 
     def _check_environment(self, state: dict, out: Path) -> None:
         """Warn (one line) when the run resumes with other CPU threads or another device type than it was saved with."""
@@ -643,19 +707,19 @@ class Trainer:
         shared = bool((index == index[:1]).all())
         for start in range(0, index.shape[1], batch_size):
             part = index[:1 if shared else self.G, start : start + batch_size]
-            x = images[part.reshape(-1)].to(self.device, non_blocking=True).float().div_(255).unflatten(0, part.shape)
+            x = unit_pixels(images[part.reshape(-1)].to(self.device, non_blocking=True)).unflatten(0, part.shape)
             yield x.expand(self.G, *x.shape[1:]) if shared else x
 
     @torch.no_grad()
     def _predict(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Logits ``[G, N, K]`` (float32, CPU) of every member, in eval mode."""
+        """Logits ``[G, N, K]`` (float32, or float64 in a float64 training; CPU) of every member, in eval mode."""
         was_training = self.model.training
         self.model.eval()
         outputs = []
         try:
             for x in self._member_batches(images, index, self.config.eval_batch_size):
                 with autocast(self.device, self.config.amp, cpu=self.config.cpu_bf16 == "all"):
-                    outputs.append(self._forward(x).float().cpu())
+                    outputs.append(full_precision(self._forward(x)).cpu())
         finally:
             self.model.train(was_training)
         return torch.cat(outputs, 1)

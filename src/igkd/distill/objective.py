@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from igkd.devices import full_precision
 from igkd.distill.losses.attention import attention_map
 from igkd.distill.losses.dist import dist_members
 from igkd.distill.losses.dkd import dkd_members, dkd_warmup_factor
@@ -39,7 +40,7 @@ from igkd.distill.losses.logit_standardization import standardize_members
 
 @dataclass
 class Objective:
-    """Per-member loss constants, ``[G]`` float32 tensors on the training device (build with :meth:`from_configs`).
+    """Per-member loss constants, ``[G]`` tensors of the default float dtype (float32) on the training device (build with :meth:`from_configs`).
 
     ``kd_temperature``, ``dkd_temperature`` and ``dist_temperature`` are the temperatures each term
     actually uses (``logit_std_temperature`` for members with ``logit_std``); ``temperature`` is the
@@ -72,7 +73,7 @@ class Objective:
         configs = list(configs)
 
         def column(values) -> torch.Tensor:
-            return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+            return torch.tensor([float(v) for v in values], dtype=torch.get_default_dtype(), device=device)
 
         def each(name: str) -> list:
             return [getattr(c, name) for c in configs]
@@ -139,7 +140,7 @@ class Objective:
         if teacher_logits is None or not self.uses_teacher_logits:
             return ce
         total = self.ce_weight * ce
-        s, t = logits.float(), teacher_logits.float()
+        s, t = full_precision(logits), full_precision(teacher_logits)
         if self.uses_logit_std:
             s, t = standardize_members(s, self.logit_std), standardize_members(t, self.logit_std)
         if self.uses_kd:

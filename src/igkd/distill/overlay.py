@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from igkd.devices import full_precision
+
 
 def overlay_draws(n: int, p: float, a: float, b: float, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (apply: bool [n], exponent s: float [n]) from one generator."""
@@ -27,7 +29,7 @@ def overlay_draws(n: int, p: float, a: float, b: float, generator: torch.Generat
 
 def apply_overlay(images: torch.Tensor, maps: torch.Tensor, apply: torch.Tensor, s: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """images [B, C, H, W] in [0, 1]; maps [B, H, W] >= 0; returns the augmented batch."""
-    scaled = maps.float().clamp_min(0).pow(s[:, None, None])
+    scaled = full_precision(maps).clamp_min(0).pow(s[:, None, None])
     flat = scaled.flatten(1)
     lo = flat.min(1).values[:, None, None]
     hi = flat.max(1).values[:, None, None]

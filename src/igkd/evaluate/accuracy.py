@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from igkd.devices import autocast
+from igkd.devices import autocast, full_precision, unit_pixels
 
 
 def check_batch_size(batch_size: int) -> int:
@@ -17,7 +17,7 @@ def check_batch_size(batch_size: int) -> int:
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 500, device=None) -> torch.Tensor:
-    """Logits (float32, CPU) for uint8 images [N, 3, H, W], in order, model in eval mode."""
+    """Logits (float32, or float64 for a float64 model under ``torch.set_default_dtype``; CPU) for uint8 images [N, 3, H, W], in order, model in eval mode."""
     check_batch_size(batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -25,10 +25,10 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int
     outputs = []
     try:
         for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size].to(device, non_blocking=True).float().div_(255)
+            batch = unit_pixels(images[start : start + batch_size].to(device, non_blocking=True))
             batch = batch.contiguous(memory_format=torch.channels_last)  # igkd's layout (devices.prepare_model)
             with autocast(device):
-                outputs.append(model(batch).float().cpu())
+                outputs.append(full_precision(model(batch)).cpu())
     finally:
         model.train(was_training)
     if not outputs:

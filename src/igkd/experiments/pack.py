@@ -77,7 +77,7 @@ def pack(out: Path, archive: Path, limit: int = PACK_LIMIT) -> dict:
     teacher = out / "teacher" / "model.safetensors"
     if teacher in files:
         optional.append(teacher)
-    optional += [p for p in files if p.name == "checkpoint.pt" and not (p.parent / "summary.json").exists()]
+    optional += [p for p in files if p.name in ("checkpoint.pt", "checkpoint.next.pt") and not (p.parent / "summary.json").exists()]
     seen_methods = set()
     for path in files:
         if path.name == "model.safetensors" and path.parent.parent.name == "runs":

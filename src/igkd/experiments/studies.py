@@ -3,7 +3,7 @@
 A study is a plan of runs (method x seed, or x student) and a folder::
 
     STUDY/study.json            what the study is (schema in docs/experiments.md)
-    STUDY/results.csv           one line per finished run (method, run, accuracy, ...)
+    STUDY/results.csv           one line per finished run (method, run, accuracy, ..., the cohort size it trained in)
     STUDY/runs/<run_id>/        one run folder of igkd.distill.run_training
                                 (+ agreement.json, robustness.json when asked for)
 
@@ -360,11 +360,18 @@ def _merge(saved: dict, new: dict, path: Path) -> dict:
     return merged
 
 
-def invocation(device) -> dict:
+def invocation(device, cohort_size: int | None = None) -> dict:
+    """One command's record in study.json; ``cohort_size``: the cohort size it asked for (None: the device's default,
+    recorded as that number). Each run's summary.json and results.csv line say the size it was trained with."""
+    from igkd.devices import resolve_device
+    from igkd.distill.executor import default_cohort_size
     from igkd.provenance import environment
 
     env = environment(device)
-    return {"time": now(), "command": env["command"], "git_sha": env["git_sha"], "hostname": env["hostname"], "device": env["device_name"]}
+    return {
+        "time": now(), "command": env["command"], "git_sha": env["git_sha"], "hostname": env["hostname"], "device": env["device_name"],
+        "cohort_size": cohort_size or default_cohort_size(resolve_device(device)),
+    }
 
 
 def open_study(out: Path, new: dict) -> dict:
@@ -438,13 +445,13 @@ def add_extras(run_dir: Path, dataset, teacher: dict | None, options: StudyOptio
 def _results_csv(study: dict, out: Path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "run", "accuracy", "student", "seed", "subset_seed", "params", "cf", "val_accuracy", "run_id"])
+    writer.writerow(["method", "run", "accuracy", "student", "seed", "subset_seed", "params", "cf", "val_accuracy", "run_id", "cohort_size"])
     for entry in study["plan"]:
         summary = read_json_object(out / RUNS_DIR / entry["run_id"] / "summary.json")
         if summary is not None:
             writer.writerow([
                 entry["method"], entry["run"], summary["test_accuracy"], entry["student"], entry["seed"], entry["subset_seed"],
-                entry["params"], entry["cf"], summary.get("val_accuracy"), entry["run_id"],
+                entry["params"], entry["cf"], summary.get("val_accuracy"), entry["run_id"], summary.get("cohort_size", 1),
             ])
     atomic_write_text(out / RESULTS_FILE, buffer.getvalue())
 
@@ -541,7 +548,7 @@ def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: floa
         "extras": extras_record(options),
         "created": now(),
         "updated": now(),
-        "invocations": [invocation(configs[methods[0]].device)],
+        "invocations": [invocation(configs[methods[0]].device, options.cohort_size)],
     }
     study = open_study(out, new)
     all_configs = {m: configs.get(m) or options.config(m, students[0], 0, subset, 0 if subset < 1 else None) for m in study["methods"]}
@@ -634,7 +641,8 @@ def load_study(path: str | Path) -> dict:
     for entry in entries:
         run_dir = out / RUNS_DIR / entry["run_id"]
         summary = read_json_object(run_dir / "summary.json")
-        status = "finished" if summary is not None else "interrupted" if (run_dir / "checkpoint.pt").exists() else "pending"
+        started = (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.next.pt").exists()  # the latter: a cohort's save cut short
+        status = "finished" if summary is not None else "interrupted" if started else "pending"
         runs.append({
             **entry,
             "dir": str(run_dir),

@@ -630,5 +630,5 @@ def _study_record(dataset, base, teacher, attributions, options: StudyOptions, t
         "plan": [],
         "created": studies.now(),
         "updated": studies.now(),
-        "invocations": [studies.invocation(base.device)],
+        "invocations": [studies.invocation(base.device, options.cohort_size if tune_meta.get("sampler") == "grid" else 1)],
     }

@@ -60,6 +60,7 @@ def provenance(prov: dict) -> str:
         ["teacher", f"`{teacher['path']}` (sha256 `{teacher['sha256'][:12]}`, {teacher['params']:,} params)" if teacher else "none"],
         ["IG cache", f"`{ig['path']}` ({ig.get('n_steps')} steps, manifest `{(ig.get('manifest_sha256') or '')[:12]}`)" if ig else "none"],
         ["training", training or "-"],
+        ["cohorts", cohorts(prov.get("cohort_sizes") or [])],
         ["devices", ", ".join(prov["devices"]) or "-"],
         ["torch", ", ".join(prov["torch"]) or "-"],
         ["igkd / git", f"{', '.join(prov['igkd']) or '-'} / {', '.join(prov['git_sha']) or '-'}"],
@@ -73,6 +74,16 @@ def provenance(prov: dict) -> str:
         listed = ", ".join(f"{r['run_id']} ({r['status']})" for r in runs["unfinished"])
         text += f"\n\n> **Note:** {runs['finished']} of {runs['planned']} planned runs are finished; not in any table yet: {listed}."
     return text
+
+
+def cohorts(sizes: list[int]) -> str:
+    """The cohort sizes the runs trained in, and what that means for their numbers (docs/training.md, "Cohorts")."""
+    if all(size == 1 for size in sizes):
+        return "none: every run trained alone"
+    return (
+        f"runs trained in cohorts of {', '.join(map(str, sizes))} (one fused network each): equal to their run-by-run "
+        "training in exact arithmetic; in float32 the same seeds, subsets and pairing, not the same weights"
+    )
 
 
 def accuracy(acc: dict, cap: str) -> str:

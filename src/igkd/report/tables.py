@@ -79,6 +79,7 @@ def provenance(study: dict) -> dict:
         "teacher": study.get("teacher"),
         "attributions": study.get("attributions"),
         "training": {m: training_settings(c) for m, c in configs.items()},
+        "cohort_sizes": sorted({int(s.get("cohort_size") or 1) for s in summaries}),
         "devices": _distinct(e.get("device_name") for e in envs),
         "torch": _distinct(e.get("torch") for e in envs),
         "git_sha": _distinct(e.get("git_sha") for e in envs),

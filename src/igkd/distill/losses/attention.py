@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from igkd.errors import IgkdError
+from igkd.devices import full_precision
 
 
 def attention_map(features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
     """[B, C, H, W] -> [B, H*W]: channel-mean of squares, optionally resized, L2-normalised."""
-    amap = features.float().pow(2).mean(1, keepdim=True)
+    amap = full_precision(features).pow(2).mean(1, keepdim=True)
     if size is not None and tuple(amap.shape[-2:]) != tuple(size):
         amap = F.interpolate(amap, size=size, mode="bilinear", align_corners=False)
     return F.normalize(amap.flatten(1), dim=1)

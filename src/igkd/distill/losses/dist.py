@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from igkd.devices import full_precision
 from igkd.distill.losses.kd import _column
 
 EPS = 1e-8
@@ -37,8 +38,8 @@ def pearson(a: torch.Tensor, b: torch.Tensor, dim: int = -1, eps: float = EPS) -
 def dist_relations(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature) -> tuple[torch.Tensor, torch.Tensor]:
     """``([G], [G])``: tau^2 * (1 - mean rho) between classes (inter) and between samples (intra), per member."""
     tau = _column(temperature, student_logits).unsqueeze(-1)  # [G, 1, 1]
-    ys = torch.softmax(student_logits.float() / tau, -1)
-    yt = torch.softmax(teacher_logits.float() / tau, -1)
+    ys = torch.softmax(full_precision(student_logits) / tau, -1)
+    yt = torch.softmax(full_precision(teacher_logits) / tau, -1)
     tt = tau.view(-1) ** 2
     inter = tt * (1 - pearson(ys, yt, dim=-1).mean(1))  # rho over classes, mean over the batch
     intra = tt * (1 - pearson(ys, yt, dim=1).mean(1))  # rho over the batch, mean over classes

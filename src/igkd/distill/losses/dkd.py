@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from igkd.devices import full_precision
 from igkd.distill.losses.kd import _column
 
 _MASKED = -1e9
@@ -48,8 +49,8 @@ def dkd_warmup_factor(epoch, warmup) -> torch.Tensor | float:
 def dkd_members(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha, beta, temperature) -> torch.Tensor:
     """``[G]``: T^2 * (alpha * TCKD + beta * NCKD) of each member, averaged over its batch (no CE, no warm-up)."""
     t = _column(temperature, student_logits).unsqueeze(-1)  # [G, 1, 1]
-    zs = student_logits.float() / t
-    zt = teacher_logits.float() / t
+    zs = full_precision(student_logits) / t
+    zt = full_precision(teacher_logits) / t
     target = F.one_hot(labels, zs.shape[-1]).bool()  # [G, B, K]
 
     def binary_log(z: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from igkd.devices import full_precision
+
 
 def kd_loss(
     student_logits: torch.Tensor,
@@ -20,13 +22,13 @@ def kd_loss(
     temperature: float,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
+    ce = F.cross_entropy(full_precision(student_logits), labels, label_smoothing=label_smoothing)
     if alpha == 0 or teacher_logits is None:
         return ce
     t = temperature
     kl = F.kl_div(
-        F.log_softmax(student_logits.float() / t, dim=1),
-        F.log_softmax(teacher_logits.float() / t, dim=1),
+        F.log_softmax(full_precision(student_logits) / t, dim=1),
+        F.log_softmax(full_precision(teacher_logits) / t, dim=1),
         reduction="batchmean",
         log_target=True,
     )
@@ -35,7 +37,7 @@ def kd_loss(
 
 def _column(value, like: torch.Tensor) -> torch.Tensor:
     """A per-member constant (a float or a [G] tensor) as [G, 1] for broadcasting over a batch."""
-    return torch.as_tensor(value, dtype=torch.float32, device=like.device).expand(like.shape[0]).reshape(-1, 1)
+    return torch.as_tensor(value, dtype=torch.get_default_dtype(), device=like.device).expand(like.shape[0]).reshape(-1, 1)
 
 
 def cross_entropy_members(logits: torch.Tensor, labels: torch.Tensor, label_smoothing=0.0) -> torch.Tensor:
@@ -44,7 +46,7 @@ def cross_entropy_members(logits: torch.Tensor, labels: torch.Tensor, label_smoo
     Equal to ``F.cross_entropy(logits[g], labels[g], label_smoothing=ls[g])`` for every g:
     (1 - ls) * NLL + ls * mean over classes of -log p.
     """
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(full_precision(logits), dim=-1)
     nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     ls = _column(label_smoothing, logits)
     return ((1 - ls) * nll + ls * -logp.mean(-1)).mean(1)
@@ -59,8 +61,8 @@ def mixed_cross_entropy_members(logits: torch.Tensor, labels_a: torch.Tensor, la
 def soft_target_members(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature) -> torch.Tensor:
     """``[G]``: T^2 * KL(softmax(t / T) || softmax(s / T)), summed over classes, averaged over each member's batch."""
     t = _column(temperature, student_logits).unsqueeze(-1)  # [G, 1, 1]
-    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_s = F.log_softmax(full_precision(student_logits) / t, dim=-1)
+    log_t = F.log_softmax(full_precision(teacher_logits) / t, dim=-1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean(1)
     return t.flatten() ** 2 * kl
 

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import torch
 
+from igkd.devices import full_precision
+
 EPS = 1e-7
 
 
 def standardize_logits(logits: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Z-score over the last (class) dimension: ``(z - mean) / (std + eps)``, std unbiased; any leading shape."""
-    z = logits.float()
+    z = full_precision(logits)
     mean = z.mean(-1, keepdim=True)
     std = z.std(-1, keepdim=True)
     return (z - mean) / (std + eps)
@@ -40,4 +42,4 @@ def standardize_logits(logits: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 def standardize_members(logits: torch.Tensor, switch) -> torch.Tensor:
     """``[G, B, K]`` logits with member g standardised where ``switch[g]`` is true (a bool or a ``[G]`` bool tensor)."""
     mask = torch.as_tensor(switch, dtype=torch.bool, device=logits.device).expand(logits.shape[0]).view(-1, 1, 1)
-    return torch.where(mask, standardize_logits(logits), logits.float())
+    return torch.where(mask, standardize_logits(logits), full_precision(logits))
