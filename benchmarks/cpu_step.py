@@ -19,7 +19,6 @@ the rule ``igkd reproduce --profile cpu`` applies). Prints one JSON object (``--
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,9 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import load_average, machine_record  # noqa: E402
+from machine import emit, load_average, machine_record  # noqa: E402
 
-from igkd.atomic import atomic_write_text  # noqa: E402
 from igkd.devices import autocast, frozen_copy, prepare_model  # noqa: E402
 from igkd.distill import Trainer, resolve_config  # noqa: E402
 from igkd.distill.losses import kd_loss  # noqa: E402
@@ -144,12 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         result["bf16"] = choose_cpu_bf16(teacher, build_model(args.student, width=args.width), batch_size=args.batch_size, rounds=args.rounds)
     result["machine"] = machine_record(torch.device("cpu"), load_before)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, text + "\n")
-    print(text)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

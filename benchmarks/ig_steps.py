@@ -18,7 +18,6 @@ integral itself is still off. Prints one JSON object (``--out`` writes it too).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,9 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import load_average, machine_record  # noqa: E402
+from machine import emit, load_average, machine_record  # noqa: E402
 
-from igkd.atomic import atomic_write_text  # noqa: E402
 from igkd.attribution.integrated_gradients import integrated_gradients  # noqa: E402
 from igkd.data import load_dataset  # noqa: E402
 from igkd.distill.run import load_teacher  # noqa: E402
@@ -88,12 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "machine": machine_record(torch.device("cpu"), load_before),
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, text + "\n")
-    print(text)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -27,3 +27,17 @@ def machine_record(device, load_before: list[float] | None) -> dict:
         "git_sha": env["git_sha"],
         "command": env["command"],
     }
+
+
+def emit(result: dict, out=None) -> dict:
+    """Print a benchmark's JSON, and write it atomically to ``out`` (a path) when given."""
+    import json
+
+    from igkd.atomic import atomic_write_text
+
+    text = json.dumps(result, indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, text + "\n")
+    print(text)
+    return result
