@@ -184,3 +184,11 @@ def test_cpu_profile_quick_trains_the_teacher_on_all_and_the_students_on_their_s
     capsys.readouterr()
     assert run(quick(out)) != 0  # the paper profile on the cpu profile's folder
     assert "holds a reproduction of --profile cpu" in capsys.readouterr().err
+    # --seeds 3 grows the finished ablation by seed 2 (the 10 runs done are kept, not trained again) and the report follows
+    before = {r["run_id"]: r["summary"]["test_accuracy"] for r in finished}
+    assert run(quick(out, "--profile", "cpu", "--seeds", "3")) == 0
+    grown = [r for r in load_study(out / "ablation")["runs"] if r["status"] == "finished"]
+    assert len(grown) == 15 and all(r["summary"]["test_accuracy"] == before[r["run_id"]] for r in grown if r["run_id"] in before)
+    assert state(out)["stages"]["ablation"]["result"] == {"runs_finished": 15, "runs_planned": 15}
+    assert "x 3 paired seeds" in (out / "paper-vs-ours.md").read_text()
+    assert run(quick(out, "--profile", "cpu")) == 0 and "stage 3 ablation: done earlier" in capsys.readouterr().err  # 3 seeds stay

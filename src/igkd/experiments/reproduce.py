@@ -464,6 +464,8 @@ def profile_differences(out: Path, settings: Settings) -> list[str]:
     runs = sorted((out / "ablation" / "runs").glob("*/summary.json")) if (out / "ablation" / "runs").is_dir() else []
     student = (read_json_object(runs[0]) or {}) if runs else {}
     tc, sc = teacher.get("config") or {}, student.get("config") or {}
+    planned = read_json_object(out / "ablation" / "study.json") or {}
+    methods, seeds = planned.get("methods") or settings.ablation_methods.split(","), len(planned.get("runs") or []) or settings.ablation_seeds
 
     def recipe(c: dict) -> str:
         if not c:
@@ -484,7 +486,7 @@ def profile_differences(out: Path, settings: Settings) -> list[str]:
         ("IG maps", "50 steps, every training image",
          f"{settings.ig_steps} Gauss-Legendre steps, every image the students train on ({count(ig.get('images'))})"
          + (f"; completeness error: mean abs(delta) / mean abs(F(x) - F(0)) = {completeness['relative']:.3g}" if completeness.get("relative") is not None else "")),
-        ("methods x seeds", "8 methods x 5 seeds", f"{settings.ablation_methods.replace(',', ', ')} x {settings.ablation_seeds} paired seeds"),
+        ("methods x seeds", "8 methods x 5 seeds", f"{', '.join(methods)} x {seeds} paired seeds"),
         ("Monte Carlo, sweep", "10 runs x 8 methods; k3 ... k17", "not run in this profile" if not settings.mc_runs else "as the paper"),
         ("precision", "fp32 (GPU)", f"cpu_bf16 = {precision['cpu_bf16']} (bf16/fp32 speed: {precision.get('gain')}; {PRECISION_FILE})" if precision else "fp32"),
     ]
@@ -503,9 +505,13 @@ def _fmt(value: float | None) -> str:
 def run_reproduce(
     out: Path, *, dataset: str = "folder", data_dir=None, budget: str | None = None, stages: str | None = None, quick: bool = False,
     teacher: Path | None = None, device: str = "auto", results: Path | None = None, progress: bool = True, cohort_size: int | None = None,
-    profile: str = "paper",
+    profile: str = "paper", seeds: int | None = None,
 ) -> dict:
-    """Run the chosen stages in order until done or out of budget; returns the state (also ``out/reproduce.json``)."""
+    """Run the chosen stages in order until done or out of budget; returns the state (also ``out/reproduce.json``).
+
+    ``seeds`` (default: the profile's) is the ablation's number of paired seeds; a larger number on a finished
+    reproduction grows its ablation by the new seeds (the runs done are kept) and rebuilds the report.
+    """
     from igkd.data import load_dataset
     from igkd.devices import resolve_device
     from igkd.distill.executor import NotEnoughTime, check_cohort_size
@@ -522,6 +528,10 @@ def run_reproduce(
         raise IgkdError(f"--out {out} is a file: give a folder for the reproduction")
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings.of(profile, dataset, quick)
+    if seeds is not None:
+        if seeds < 1:
+            raise IgkdError(f"--seeds must be at least 1, got {seeds}")
+        settings.ablation_seeds = seeds
     state = read_state(out) or {"format": STATE_FORMAT, "stages": {}}
     if state.get("quick", quick) != quick:
         raise IgkdError(f"{out} holds a {'--quick' if state['quick'] else 'full'} reproduction: use the same mode, or another --out")
@@ -543,7 +553,7 @@ def run_reproduce(
     for i, stage in enumerate(chosen):
         number = STAGES.index(stage) + 1
         record = state["stages"].setdefault(stage, {"wall_s": 0.0})
-        if record.get("done") and not _redo(stage, out, state, chosen[i + 1 :], worked):
+        if record.get("done") and not _redo(stage, out, state, chosen[i + 1 :], worked, settings):
             say(f"stage {number} {stage}: done earlier, skipped")
             continue
         worked = True
@@ -612,12 +622,16 @@ def check_state(state, where: str) -> dict:
     return state
 
 
-def _redo(stage: str, out: Path, state: dict, later: list[str], worked: bool) -> bool:
+def _redo(stage: str, out: Path, state: dict, later: list[str], worked: bool, settings: Settings) -> bool:
     """A finished stage runs again only where its output is needed and gone: the IG maps (never
     packed; a restored pack holds their manifest only) when a later stage still trains with them,
-    and the report after new results."""
+    the ablation when ``--seeds`` asks for more runs than it planned, and the report after new results."""
+    if stage == "ablation":
+        planned = state["stages"]["ablation"].get("result", {}).get("runs_planned", 0)
+        return planned < len(settings.ablation_methods.split(",")) * settings.ablation_seeds
     if stage == "ig":
-        needs_maps = any(name in ("ablation", "montecarlo", "sweep") and not state["stages"].get(name, {}).get("done") for name in later)
+        needs_maps = any(name in ("ablation", "montecarlo", "sweep") and (not state["stages"].get(name, {}).get("done")
+                                                                          or _redo(name, out, state, [], False, settings)) for name in later)
         return needs_maps and not _maps_here(out / "ig")
     return stage == "report" and worked
 
@@ -675,6 +689,7 @@ def register(app) -> None:
         force: bool = typer.Option(False, "--force", help="With --unpack: merge the pack into an --out that holds results (what is done there is kept)."),
         cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help="Runs trained at once as one fused network (1 = run by run; default: 1 on CPU, as many as fit on a GPU)."),
         profile: str = typer.Option("paper", help="paper (the paper's scale, a GPU) or cpu (the same stages sized for 2 CPU cores in < 2 h; docs/results/cpu)."),
+        seeds: Optional[int] = typer.Option(None, help="Paired seeds per method in the ablation (default: paper 5, cpu 3); more on a finished folder adds runs."),
     ) -> None:
         """Reproduce the paper: teacher, IG maps, ablation, Monte Carlo, sweep, latency and report; resumable, budgeted."""
         if pack_file is not None and unpack_file is not None:
@@ -694,7 +709,7 @@ def register(app) -> None:
         if dataset == "folder" and data_dir is None:
             raise IgkdError("--data-dir is needed: CIFAR-10 as an image folder or archive (e.g. cifar10-jpeg.tar.gz), or use --dataset digits --quick")
         state = run_reproduce(out, dataset=dataset, data_dir=data_dir, budget=budget, stages=stages, quick=quick, teacher=teacher,
-                              device=device, results=results, cohort_size=cohort_size, profile=profile)
+                              device=device, results=results, cohort_size=cohort_size, profile=profile, seeds=seeds)
         done = [name for name in STAGES if state["stages"].get(name, {}).get("done")]
         print(f"{out}: stages done: {', '.join(done) or 'none'}" + ("" if state.get("stopped_at") else "; nothing left to run" if len(done) == len(STAGES) else ""))
         if state.get("stopped_at"):
