@@ -1,20 +1,19 @@
-"""The one training loop: teacher training, all distillation methods, and cohorts of runs.
+"""The one training loop: an epoch is a pass of batches, a step is one batch through the overlay, the students
+and the frozen teacher into the loss terms, for one run or a cohort of runs (teacher training, every method).
 
-Per step: a batch of the device-resident training split receives its crop/flip
-(the IG maps receive the same), the IG overlay (probability p), then the student
-and, when a loss term needs it, the frozen teacher run on that *same* augmented
-view; the loss is KD (or plain CE) plus attention transfer. Each epoch ends with
-validation on a held-out part of the training split, a metrics line, and an
-atomic checkpoint that ``resume=True`` continues from exactly.
+Per step (:meth:`Trainer.step`): a batch of the device-resident training split arrives cropped and flipped
+(its IG maps the same way); the data plan lays the IG overlay (probability p) and gives each member its view;
+the students and, when a loss term needs it, the frozen teacher run on that *same* view; the loss is each
+member's KD (or plain CE) plus attention transfer. Each epoch (:meth:`Trainer.run`) ends with validation on a
+held-out part of the training split, a metrics line and an atomic checkpoint that ``resume=True`` continues
+from exactly.
 
-The loop trains G runs at once (a *cohort*, docs/training.md): runs that share the
-architecture, optimizer, schedule, batch size and epochs but differ in method, loss
-constants, seed and subset become one fused network (:mod:`igkd.models.fused`) whose
-members each see their own batches. The tensors of a step are member-major
-(``[G, B, ...]``); a single run is G = 1 and runs the plain model. Members with the
-same data stream (seed and subset) share its batches; members that also draw the same
-overlay see the same *view*, and the frozen teacher runs once per distinct view.
-Each member writes its own run folder, exactly as a single run of its config would.
+A cohort (G runs that share the architecture, optimiser, schedule, batch size and epochs but differ in method,
+loss constants, seed and subset; docs/training.md) trains as one fused network (:mod:`igkd.models.fused`);
+a single run is G = 1 and runs the plain model. The pieces live beside this file: which member sees which
+data (:mod:`igkd.distill.data_plan`), the loss terms (:mod:`igkd.distill.objective`), the optimiser and
+schedule (:mod:`igkd.distill.schedule`), evaluation (:mod:`igkd.distill.evaluation`), each run's folder
+(:mod:`igkd.distill.run_folder`) and what a cohort shares (:mod:`igkd.distill.cohort`).
 """
 
 from __future__ import annotations
@@ -124,14 +123,7 @@ class Trainer:
             drop_last=self.config.compile,  # a compiled step sees one batch shape, not a new one each epoch end
         )
 
-        models = []
-        for m in self.members:  # each member's initial weights from its own seed, as its single run draws them
-            torch.manual_seed(m.config.seed + 1_000 * self.dist.rank)
-            if teacher is not None:
-                mean, std = teacher.normalize.mean.flatten().tolist(), teacher.normalize.std.flatten().tolist()
-            else:
-                mean, std = channel_stats(dataset.train.images[m.train_idx])
-            models.append(build_model(self.config.student, num_classes=dataset.num_classes, width=self.config.width, mean=mean, std=std))
+        models = self._student_models(teacher)
         self.model = prepare_model(models[0] if self.G == 1 else fuse(models, pointwise), self.device)
         self.objective = Objective.from_configs(configs, self.device)
         self.teacher = None
@@ -157,6 +149,19 @@ class Trainer:
         self.start_epoch, self.teacher_test = 1, None
         self._epoch, self._mix = 1, None  # the epoch being trained (DKD's warm-up) and its mixing draws
         self.wall_before = 0.0
+
+    def _student_models(self, teacher: nn.Module | None) -> list[nn.Module]:
+        """Each member's student with its initial weights drawn from its own seed, as its single run draws them,
+        normalising its input as the teacher does (or by its training images' channel statistics)."""
+        models = []
+        for m in self.members:
+            torch.manual_seed(m.config.seed + 1_000 * self.dist.rank)
+            if teacher is not None:
+                mean, std = teacher.normalize.mean.flatten().tolist(), teacher.normalize.std.flatten().tolist()
+            else:
+                mean, std = channel_stats(self.dataset.train.images[m.train_idx])
+            models.append(build_model(self.config.student, num_classes=self.dataset.num_classes, width=self.config.width, mean=mean, std=std))
+        return models
 
     def _check_inputs(self, config: TrainConfig, teacher, ig_maps) -> None:
         if config.uses_teacher and teacher is None:
