@@ -2,7 +2,7 @@
 
 Each cohort member is a KD_IG student (the paper's k5 at batch 64 per member by default) with its
 own seed, so every member has its own data stream, overlay draws and teacher pass (the cohort's
-worst case: no view is shared). The step timed is ``igkd.distill.loop.Trainer._step``: crop/flip,
+worst case: no view is shared). The step timed is ``igkd.distill.loop.Trainer.step``: crop/flip,
 IG overlay, the frozen teacher on every view, the fused student forward/backward, Adam. The
 single-run side is the same step of a G = 1 trainer; G sequential runs take G times its time.
 
@@ -45,8 +45,7 @@ def make_trainer(args, dataset, teacher, maps, G: int, folder: Path) -> Trainer:
         for g in range(G)
     ]
     trainer = Trainer(configs, dataset, [folder / f"G{G}-m{g}" for g in range(G)], teacher=teacher, ig_maps=maps, progress=False)
-    trainer.loader.set_epoch(1)
-    trainer._draw_overlays()
+    trainer.begin_epoch(1)
     trainer.model.train()
     return trainer
 
@@ -61,7 +60,7 @@ def stepper(trainer: Trainer):
         except StopIteration:
             state["batches"], state["offset"] = iter(trainer.loader), 0
             batch = next(state["batches"])
-        trainer._step(batch, state["offset"])
+        trainer.step(batch, state["offset"])
         state["offset"] += len(batch.labels) // batch.streams
 
     return step
@@ -119,7 +118,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "step_times_s"}), file=sys.stderr, flush=True)
     result = {
         "benchmark": "cohort_throughput",
-        "what": f"igkd's training step (Trainer._step) of a cohort of G {args.method} {args.student} runs with distinct seeds, batch "
+        "what": f"igkd's training step (Trainer.step) of a cohort of G {args.method} {args.student} runs with distinct seeds, batch "
                 f"{args.batch_size} per member, 32x32, Adam, channels_last, teacher pass per view, vs G single runs one after another",
         "steps": args.steps, "warmup": args.warmup, "quick": args.quick,
         "rows": rows,

@@ -1,6 +1,6 @@
 """igkd's real training step against a bare PyTorch step of the same models and loss, on the CPU.
 
-* ``igkd``: :meth:`igkd.distill.loop.Trainer._step` of a KD_IG run as ``igkd reproduce --profile cpu``
+* ``igkd``: :meth:`igkd.distill.loop.Trainer.step` of a KD_IG run as ``igkd reproduce --profile cpu``
   trains it (k5 and teacher at width 0.5, batch 64, SGD + Nesterov): the device-resident loader's
   crop/flip of images and maps, the overlay, the frozen teacher on the same view, the KD loss,
   backward, optimizer and schedule steps, and the loss/accuracy bookkeeping;
@@ -47,11 +47,10 @@ def igkd_stepper(config, dataset, teacher, maps, folder: Path):
         batch = next(state["batches"], None)
         if batch is None:
             state["epoch"] += 1
-            trainer.loader.set_epoch(state["epoch"])
-            trainer._draw_overlays()
+            trainer.begin_epoch(state["epoch"])
             state["batches"], state["offset"] = iter(trainer.loader), 0
             batch = next(state["batches"])
-        loss, hits = trainer._step(batch, state["offset"])
+        loss, hits = trainer.step(batch, state["offset"])
         n = len(batch.labels) // batch.streams
         state["offset"] += n
         return n
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = [a / b for a, b in zip(rates["igkd"], rates["bare"])]
     result = {
         "benchmark": "cpu_step",
-        "what": f"images/s of igkd's training step (Trainer._step, {args.method}, {args.student} and teacher at width {args.width}, batch "
+        "what": f"images/s of igkd's training step (Trainer.step, {args.method}, {args.student} and teacher at width {args.width}, batch "
                 f"{args.batch_size}, cpu_bf16 {args.cpu_bf16}) and of a bare PyTorch step of the same models and loss, interleaved",
         "images_per_s": {name: round(statistics.median(values), 1) for name, values in rates.items()},
         "per_round_images_per_s": {name: [round(v, 1) for v in values] for name, values in rates.items()},

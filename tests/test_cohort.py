@@ -103,8 +103,8 @@ def test_members_sharing_a_seed_share_views_and_the_teacher_pass(tiny_dataset, t
     from igkd.distill import Trainer
 
     trainer = Trainer(configs, tiny_dataset, [tmp_path / "cohort" / n for n in names], **teacher_inputs)
-    assert trainer.member_stream == [0, 0, 0, 0, 1] and trainer.member_view == [0, 0, 1, 1, 2]
-    assert trainer.teacher_views == [0, 1]  # student and ig need no teacher; kd and kd_ig(_at) see views 0 and 1
+    assert trainer.plan.member_stream == [0, 0, 0, 0, 1] and trainer.plan.member_view == [0, 0, 1, 1, 2]
+    assert trainer.plan.teacher_views == [0, 1]  # student and ig need no teacher; kd and kd_ig(_at) see views 0 and 1
     trainer.teacher.register_forward_pre_hook(lambda _m, args: passes.append(args[0].shape[0]))
     trainer.run()
     assert passes and all(n == 2 * 16 for n in passes[:-1])  # two views of a batch of 16 per step
@@ -149,7 +149,7 @@ def test_cohort_killed_between_two_members_checkpoint_writes_resumes_to_the_unin
     save (its new checkpoint written beside the last one; or renamed into place, the others not yet), every
     member resumes at one epoch (1; or 2), the executor forms the cohort again, and the resumed cohort ends
     bit for bit where the uninterrupted one ends (same machine, same threads: float32 is fine)."""
-    from igkd.distill import loop
+    from igkd.distill import run_folder as loop
     from igkd.distill.executor import Run, checkpoint_epoch
 
     configs = [_config("student", 0), _config("kd_ig_at", 1, p=0.5), _config("kd", 2)]
@@ -257,7 +257,7 @@ def test_cohort_of_modern_losses_and_overlay_controls_equals_single_runs(tiny_da
     from igkd.distill import Trainer
 
     trainer = Trainer(configs, tiny_dataset, [tmp_path / "cohort" / n for n in names], **_inputs(tiny_dataset))
-    assert trainer.mixing and trainer.member_source == [0, None, 1, 2, None, None, None, 0]  # ig (shared), shuffled, random
+    assert trainer.plan.mixing and trainer.plan.member_source == [0, None, 1, 2, None, None, None, 0]  # ig (shared), shuffled, random
     trainer.run()
     for config, name in zip(configs, names):
         train(config, tiny_dataset, tmp_path / "single" / name, **_inputs(tiny_dataset))

@@ -138,7 +138,7 @@ def single_optimizer(kind: str, params_groups):
 
 
 def loop_groups(model, weight_decay):
-    """The grouping of distill/loop.py's _optimizer."""
+    """The grouping of distill/schedule.py's build_optimizer."""
     named = list(model.named_parameters())
     return [
         {"params": [p for n, p in named if p.ndim > 1], "weight_decay": weight_decay},

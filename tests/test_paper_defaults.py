@@ -10,7 +10,9 @@ import torch
 
 from igkd.cli import app
 from igkd.distill.config import TrainConfig, resolve_config
-from igkd.distill.loop import recalibrate_batchnorm, split_indices, split_plan, warmup_epochs
+from igkd.distill.data_plan import split_indices, split_plan
+from igkd.distill.evaluation import recalibrate_batchnorm
+from igkd.distill.schedule import warmup_epochs
 from igkd.distill.losses import attention_layers
 from igkd.errors import IgkdError
 from igkd.models import build_model

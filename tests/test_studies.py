@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from igkd.distill import executor
 
-from igkd.distill.loop import split_indices
+from igkd.distill.data_plan import split_indices
 from igkd.errors import IgkdError
 from igkd.experiments import studies
 from igkd.experiments.agreement import model_agreement

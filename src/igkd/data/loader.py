@@ -5,7 +5,7 @@ one crop offset / flip bit per sample from a CPU generator seeded by
 ``(seed, epoch)``, so an epoch is reproducible on any device and after a resume.
 
 Several *streams* (a cohort's runs with their own seeds and subsets, see
-``igkd.distill.loop``) can share one loader: with ``seed=[s0, s1, ...]`` and one index
+``igkd.distill.data_plan``) can share one loader: with ``seed=[s0, s1, ...]`` and one index
 set per stream, each stream is drawn exactly as a loader of its own would draw it, and a
 batch holds the streams' batches one after the other (``[S * B, ...]``, stream-major),
 gathered and cropped with one set of kernels.

@@ -2,7 +2,7 @@
 
 A study (ablation, Monte Carlo, sweep) builds its plan of runs — a config and a folder each — and
 hands it to :func:`execute`. The executor skips finished runs, groups the rest into cohorts of up
-to ``cohort_size`` runs that can share one network (:data:`igkd.distill.loop.COHORT_SHARED`: same
+to ``cohort_size`` runs that can share one network (:data:`igkd.distill.cohort.COHORT_SHARED`: same
 student, optimizer, schedule, batch size, epochs ...; and the same checkpoint epoch, so a killed
 cohort resumes as one), and trains each cohort with the one training loop
 (:func:`igkd.distill.loop.train_cohort`). Cohorts are formed in plan order: the first unfinished
@@ -25,7 +25,9 @@ from typing import Callable
 import torch
 
 from igkd.distill.config import TrainConfig
-from igkd.distill.loop import SUMMARY, cohort_key, read_summary, resume_checkpoint, train_cohort
+from igkd.distill.cohort import cohort_key
+from igkd.distill.loop import train_cohort
+from igkd.distill.run_folder import SUMMARY, read_summary, resume_checkpoint
 from igkd.distill.run import load_inputs, refuse_foreign_folder
 from igkd.errors import IgkdError
 
@@ -65,7 +67,7 @@ def check_cohort_size(value: int | None) -> int | None:
 
 def checkpoint_epoch(run: Run) -> int:
     """The epoch the run resumes after (0 without a checkpoint); the members of a cohort whose save a kill cut
-    short all resume at one epoch (:func:`igkd.distill.loop.resume_checkpoint`), so they form that cohort again."""
+    short all resume at one epoch (:func:`igkd.distill.run_folder.resume_checkpoint`), so they form that cohort again."""
     from igkd.torch_io import load_torch
 
     path = resume_checkpoint(run.out)

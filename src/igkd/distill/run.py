@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from igkd.distill.config import TrainConfig
-from igkd.distill.loop import MODEL, SUMMARY, read_summary, train
+from igkd.distill.loop import train
+from igkd.distill.run_folder import MODEL, SUMMARY, read_summary
 from igkd.errors import IgkdError
 
 

@@ -465,7 +465,7 @@ def say(options: StudyOptions, text: str) -> None:
 
 def _finished(run_dir: Path) -> bool:
     """A run is finished when its summary.json is readable; a damaged one is trained again (it resumes)."""
-    from igkd.distill.loop import read_summary
+    from igkd.distill.run_folder import read_summary
 
     return read_summary(run_dir / "summary.json") is not None
 

@@ -36,6 +36,7 @@ from torch import nn
 from igkd.errors import IgkdError
 from igkd.models.mobilenetv2 import MobileNetV2CIFAR, Normalize
 from igkd.models.registry import build_model, spec_of
+from igkd.models.taps import FeatureTap
 
 POINTWISE = ("grouped", "bmm")
 
@@ -179,33 +180,20 @@ class FusedLinear(nn.Module):
 FUSED = {Normalize: FusedNormalize, nn.Conv2d: FusedConv2d, nn.BatchNorm2d: FusedBatchNorm2d, nn.Linear: FusedLinear}
 
 
-class FeatureTapG:
+class FeatureTapG(FeatureTap):
     """Keeps member-major ``[G, B, C, H, W]`` views of one named module's latest output."""
 
     def __init__(self, fused: FusedModel, name: str):
-        modules = dict(fused.named_modules())
-        if not name or name not in modules:
-            close = [n for n in modules if n and n.startswith(name.split(".")[0])][:5]
-            raise IgkdError(f"no module named {name!r} in the fused model (e.g. {', '.join(close) or 'features.0'})")
-        self.name, self.G = name, fused.G
-        self.output: torch.Tensor | None = None
-        self._handle = modules[name].register_forward_hook(self._keep)
-
-    def _keep(self, _module, _inputs, output) -> None:
-        self.output = output
+        super().__init__(fused, name, "the fused model")
+        self.G = fused.G
 
     def take(self) -> torch.Tensor:
         """Feature maps ``[B, G*C, H, W]`` come back as ``[G, B, C, H, W]`` (a view); other outputs as they are."""
-        if self.output is None:
-            raise RuntimeError(f"module {self.name!r} has not run since the last take()")
-        out, self.output = self.output, None
+        out = super().take()
         if out.dim() == 4:
             B, GC, H, W = out.shape
             out = out.view(B, self.G, GC // self.G, H, W).transpose(0, 1)
         return out
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 class FusedModel(nn.Module):

@@ -14,6 +14,7 @@ from torch import nn
 
 from igkd.errors import IgkdError
 from igkd.devices import full_precision
+from igkd.models.taps import FeatureTap  # noqa: F401 - the losses read features through it (igkd.distill.losses.FeatureTap)
 
 
 def attention_map(features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -92,28 +93,3 @@ def attention_layers(
             f"its deepest module, features.{n_student - 1}, the closest in depth; its map is resized to the teacher's"
         )
     return {"teacher": t_layer, "student": s_layer, "rule": rule}
-
-
-class FeatureTap:
-    """Keeps the output of one named module from the latest forward pass."""
-
-    def __init__(self, model: nn.Module, name: str):
-        modules = dict(model.named_modules())
-        if name not in modules:
-            close = [n for n in modules if n.startswith(name.split(".")[0])][:5]
-            raise IgkdError(f"no module named {name!r} in {type(model).__name__} (e.g. {', '.join(close) or 'features.0'})")
-        self.name = name
-        self.output: torch.Tensor | None = None
-        self._handle = modules[name].register_forward_hook(self._keep)
-
-    def _keep(self, _module, _inputs, output) -> None:
-        self.output = output
-
-    def take(self) -> torch.Tensor:
-        if self.output is None:
-            raise RuntimeError(f"module {self.name!r} has not run since the last take()")
-        out, self.output = self.output, None
-        return out
-
-    def remove(self) -> None:
-        self._handle.remove()
