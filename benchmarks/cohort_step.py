@@ -34,6 +34,9 @@ from igkd.models import build_model
 from igkd.models.fused import FusedConv2d, fuse
 from igkd.provenance import environment
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import emit  # noqa: E402
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -181,11 +184,7 @@ def main() -> None:
         "load_average_1m": {"before": load_before, "after": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
         "environment": env,
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

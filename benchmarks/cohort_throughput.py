@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import load_average, machine_record  # noqa: E402
+from machine import emit, load_average, machine_record  # noqa: E402
 
 from igkd.distill import Trainer, resolve_config  # noqa: E402
 from igkd.doctor import tiny_dataset  # noqa: E402
@@ -126,11 +126,7 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - started, 1),
         "machine": machine_record(device, load_before),
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

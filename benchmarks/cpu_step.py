@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import emit, load_average, machine_record  # noqa: E402
+from machine import emit, machine_record, run_args  # noqa: E402
 
 from igkd.devices import autocast, frozen_copy, prepare_model  # noqa: E402
 from igkd.distill import Trainer, resolve_config  # noqa: E402
@@ -103,12 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=8, help="Timed steps per side per round.")
     parser.add_argument("--cpu-bf16", default="off", choices=("off", "teacher", "all"))
     parser.add_argument("--precision", action="store_true", help="Also time bf16 against fp32 (the cpu profile's rule).")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = load_average()
+    args, load_before = run_args(parser, argv)
     dataset = tiny_dataset(n_train=args.images, n_test=64, size=32, classes=10, name="cpu-step")
     maps = torch.rand(args.images, 32, 32, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import emit, load_average, machine_record  # noqa: E402
+from machine import emit, machine_record, run_args  # noqa: E402
 
 from igkd.attribution.integrated_gradients import integrated_gradients  # noqa: E402
 from igkd.data import load_dataset  # noqa: E402
@@ -52,12 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--steps", default="4,8,16,32,64")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = load_average()
+    args, load_before = run_args(parser, argv)
     model, info = load_teacher(args.teacher)
     model.eval()
     data = load_dataset(args.dataset, args.data_dir, progress=False)

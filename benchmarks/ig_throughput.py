@@ -19,7 +19,6 @@ Prints one JSON object; ``--out`` also writes it to a file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,9 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import load_average, machine_record  # noqa: E402
+from machine import emit, machine_record, run_args  # noqa: E402
 
-from igkd.atomic import atomic_write_text  # noqa: E402
 from igkd.attribution import reduce_map  # noqa: E402
 from igkd.attribution.engine import default_max_batch  # noqa: E402
 from igkd.attribution.integrated_gradients import integrated_gradients_attribution  # noqa: E402
@@ -80,15 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-batch", type=int, default=None, help="Our samples per pass (default: the device budget).")
     parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="Ours (bf16 needs CUDA).")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, load_before = run_args(parser, argv)
     device = torch.device(args.device)
-    load_before = load_average()
     try:
         import captum  # noqa: F401
 
@@ -168,12 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         })
     else:
         report["reference"] = "not measured: captum is not installed here"
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

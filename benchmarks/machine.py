@@ -1,4 +1,5 @@
-"""What every benchmark JSON records about the machine it ran on: threads, load, device, versions.
+"""What every benchmark JSON records about the machine it ran on (threads, load, device, versions),
+and how a benchmark starts (``--threads``, ``--out``, the load before) and ends (its JSON printed and written).
 
 Ratios measured in one run on one machine mean more than absolute times on a shared machine, so
 each benchmark runs its compared sides interleaved and records the load average before and
@@ -7,7 +8,9 @@ after: a loaded machine shows there, not silently in the numbers.
 
 from __future__ import annotations
 
+import argparse
 import os
+from pathlib import Path
 
 import torch
 
@@ -27,6 +30,17 @@ def machine_record(device, load_before: list[float] | None) -> dict:
         "git_sha": env["git_sha"],
         "command": env["command"],
     }
+
+
+def run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[float] | None]:
+    """Add ``--threads`` and ``--out`` (a benchmark's last options), parse ``argv`` and set the torch threads asked for;
+    returns the arguments and the load average before the run (for :func:`machine_record`)."""
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    parser.add_argument("--out", type=Path, default=None, help="Also write the JSON to this file.")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, load_average()
 
 
 def emit(result: dict, out=None) -> dict:

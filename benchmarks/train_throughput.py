@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,9 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import load_average, machine_record  # noqa: E402
+from machine import emit, machine_record, run_args  # noqa: E402
 
-from igkd.atomic import atomic_write_text  # noqa: E402
 from igkd.data.loader import DeviceLoader  # noqa: E402
 from igkd.distill.losses import kd_loss  # noqa: E402
 from igkd.distill.overlay import ig_overlay  # noqa: E402
@@ -127,13 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--p", type=float, default=0.1)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the reference pipeline.")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, load_before = run_args(parser, argv)
     device = torch.device(args.device)
-    load_before = load_average()
     generator = torch.Generator().manual_seed(0)
     data = (torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=generator),
             torch.randint(0, 10, (args.images,), generator=generator), torch.rand(args.images, 32, 32, generator=generator))
@@ -167,12 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "projected_100_epochs_45000_images_s": round(100 * 45_000 / best, 1),
         "machine": machine_record(device, load_before),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         no_args_is_help=True,
     )
 
+    # typer reads a command's options from its signature: declarations alike in shape to other commands', not shared logic
     @attributions.command("compute")
     def compute_command(
         teacher: Path = typer.Option(..., help="Teacher model file (or a run folder with model.safetensors)."),
@@ -72,6 +73,7 @@ def register(app: typer.Typer) -> None:
             options["nt_samples" if method == "smoothgrad" else "n_samples"] = samples
         options.update({k: v for k, v in {"stdevs": stdevs, "seed": seed, "blur_sigma": blur_sigma}.items() if v is not None})
         with sibling_lock(out, what=f"attribution cache {out}"):  # two computations never write one cache at once
+            # every option passed on by name: lines alike in shape, no logic to share
             cache = compute_attributions(
                 model,
                 data,

@@ -48,6 +48,14 @@ def default_max_batch(device: torch.device, height: int, width: int) -> int:
     return max(1, budget // (height * width))
 
 
+def execution_defaults(
+    device: torch.device, inputs: torch.Tensor, max_batch: int | None, channels_last: bool | None
+) -> tuple[int, bool]:
+    """``max_batch`` and ``channels_last`` as given, else the device's: its pixel budget at the inputs' size; channels_last on CUDA only."""
+    max_batch = max_batch or default_max_batch(device, *inputs.shape[-2:])
+    return max_batch, device.type == "cuda" if channels_last is None else channels_last
+
+
 @contextlib.contextmanager
 def input_gradient_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode, no parameter gradients, autograd on; the caller's settings come back after."""

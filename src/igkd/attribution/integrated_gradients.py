@@ -22,7 +22,7 @@ from igkd.attribution.engine import (
     Attribution,
     autocast_for,
     check_inputs,
-    default_max_batch,
+    execution_defaults,
     input_gradient_mode,
     input_gradients,
     logits,
@@ -125,8 +125,7 @@ def integrated_gradients_attribution(
     alphas = torch.tensor(alphas_list, dtype=torch.float32, device=device)
     weights = torch.tensor(weights_list, dtype=torch.float32, device=device)
     precision = resolve_precision(precision, device)
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
-    max_batch = max_batch or default_max_batch(device, *x.shape[-2:])
+    max_batch, channels_last = execution_defaults(device, x, max_batch, channels_last)
     with input_gradient_mode(model):
         b = make_baseline(model, x, baseline, blur_sigma)
         need_endpoints = with_delta or precision == "auto"
@@ -154,6 +153,7 @@ def integrated_gradients_attribution(
     return Attribution(values.to(inputs.device), None if delta is None else delta.to(inputs.device), precision, check)
 
 
+# Captum's order (baseline, n_steps, rule may be positional): it repeats integrated_gradients_attribution's signature on purpose
 def integrated_gradients(
     model: torch.nn.Module,
     inputs: torch.Tensor,

@@ -26,11 +26,13 @@ from typing import Callable
 import torch
 
 from igkd.attribution.baselines import DEFAULT_BLUR_SIGMA, make_baseline
+# the engine's pieces, as integrated_gradients imports them: every method is built from them, nothing is repeated
 from igkd.attribution.engine import (
     Attribution,
     autocast_for,
     check_inputs,
     default_max_batch,
+    execution_defaults,
     input_gradient_mode,
     input_gradients,
     logits,
@@ -56,8 +58,7 @@ def _gradient_method(model, inputs, target, *, times_input: bool, max_batch=None
     device = model_device(model)
     x = inputs.detach().to(device, torch.float32)
     precision = _single_pass_precision(precision, device)
-    max_batch = max_batch or default_max_batch(device, *x.shape[-2:])
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    max_batch, channels_last = execution_defaults(device, x, max_batch, channels_last)
     with input_gradient_mode(model):
         targets = target_indices(model, x, target, max_batch)
         with autocast_for(precision, device):
@@ -141,8 +142,7 @@ def gradient_shap_from_draws(
     x = inputs.detach().to(device, torch.float32)
     n_images, samples = x.shape[0], noise.shape[0] // x.shape[0]
     precision = _single_pass_precision(precision, device)
-    max_batch = max_batch or default_max_batch(device, *x.shape[-2:])
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    max_batch, channels_last = execution_defaults(device, x, max_batch, channels_last)
     noisy = x.repeat_interleave(samples, 0) + noise.to(device)
     baselines = baselines.to(device, torch.float32)
     a = alphas.to(device, torch.float32).view(-1, 1, 1, 1)

@@ -263,6 +263,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _load_average_1m() -> float | None:
+    """The 1-minute load average, or None where the platform has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def machine_info(threads: int, device: torch.device) -> dict:
     """CPU model, cores, threads used, library versions, load average (other work skews timings)."""
     import onnx
@@ -276,7 +281,7 @@ def machine_info(threads: int, device: torch.device) -> dict:
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "onnx": onnx.__version__,
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_1m": _load_average_1m(),
     }
     from importlib import metadata
 
@@ -309,9 +314,6 @@ def benchmark_latency(
     ``progress(description, done, total)`` is called before each step. ``threads``: one count or
     several (each a separate setting on the CPU); default torch's current count.
     """
-    from igkd.deploy.footprint import model_footprint
-    from igkd.provenance import environment
-
     entries, batch_sizes, backends = list(entries), [int(b) for b in batch_sizes], list(backends)
     check_counts(repeats, warmup, batch_sizes)
     device = resolve_device(str(device))
@@ -328,9 +330,7 @@ def benchmark_latency(
         machine = machine_info(used, device)
         sessions: list = [None] * len(entries)
         for index, (model, source) in enumerate(entries):
-            model.eval()
-            row = {**model_footprint(model), "source": source}
-            row["label"] = row["name"] if source == RANDOM_INIT else f"{row['name']} ({os.path.basename(source)})"
+            row = _model_row(model, source)
             models.append(row)
             if "onnxruntime" in backends:
                 from igkd.deploy.export import export_bytes
@@ -353,53 +353,23 @@ def benchmark_latency(
                 measurements.append({"model": row["label"], "k": row["k"], **_record(backend, device, precision, batch_size, used, warmup, times)})
         for model, _ in entries:
             model.cpu()
-        machine["load_average_1m_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    order = {row["label"]: i for i, row in enumerate(models)}
-    measurements.sort(key=lambda m: (order[m["model"]], backends.index(m["backend"]), m["precision"], m["batch_size"]))
-    _add_speedups(measurements)
-    return {
-        "kind": "igkd-latency-benchmark",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {
-            "batch_sizes": batch_sizes,
-            "backends": backends,
-            "device": str(device),
-            "threads": used,
-            "warmup": warmup,
-            "repeats": repeats,
-            "rounds": min(rounds, repeats),
-            "input": "float32 NCHW 3x32x32, uniform [0, 1], seed 0 (latency does not depend on the values)",
-        },
-        "machine": machine,
-        "environment": environment(device),
-        "models": models,
-        "measurements": measurements,
-        "definitions": {
-            "median_ms": "median over `repeats` timed calls (one call = one batch) after `warmup` untimed ones",
-            "schedule": "per backend x precision x batch size, all models are timed in `rounds` interleaved rounds: "
-            "in each round every model (rotating start) makes 1 untimed call, then repeats/rounds timed calls",
-            "speedup_vs_teacher": "teacher median / model median, same backend, device, precision and batch size "
-            "(the first teacher in the run)",
-            "cf": "teacher parameters / model parameters",
-            "size_bytes": "state-dict bytes: floating tensors x 4 (fp32) or 2 (fp16); int8 = conv/linear weights "
-            "x 1 byte + one fp32 scale per output channel, other tensors fp32; BatchNorm counters not counted",
-        },
-    }
+        machine["load_average_1m_after"] = _load_average_1m()
+    return _result(
+        device, models, measurements, machine, then_by="precision",
+        settings=_settings(batch_sizes, backends, device, used, warmup, repeats, rounds),
+        definitions=_definitions("backend x precision x batch size", "device"),
+    )
 
 
 def _benchmark_cpu(entries, batch_sizes, backends, counts, warmup, repeats, rounds, progress) -> dict:
     """Every backend through ``igkd.deploy.runners``: file made once, load, first call, warm-up, interleaved timing."""
-    from igkd.deploy.footprint import model_footprint
     from igkd.deploy.runners import FLUSH_NOTE, calibrate_batchnorm, load_and_first_call, prepare
-    from igkd.provenance import environment
 
     cpu = torch.device("cpu")
     report = progress or (lambda _description, _done, _total: None)
     models, nets = [], []
     for model, source in entries:
-        model.eval()
-        row = {**model_footprint(model), "source": source}
-        row["label"] = row["name"] if source == RANDOM_INIT else f"{row['name']} ({os.path.basename(source)})"
+        row = _model_row(model, source)
         if source == RANDOM_INIT:
             model = calibrate_batchnorm(model)
             row["batchnorm_statistics"] = "calibrated on 8 random uniform batches of 32 (never-trained model)"
@@ -428,44 +398,83 @@ def _benchmark_cpu(entries, batch_sizes, backends, counts, warmup, repeats, roun
                     "model": row["label"], "k": row["k"], **_record(backend, cpu, "fp32", batch_size, threads, warmup, times),
                     "load_ms": load_ms, "first_inference_ms": first_ms, "file_bytes": len(item.data),
                 })
-        machine["load_average_1m_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        machine["load_average_1m_after"] = _load_average_1m()
     finally:
         torch.set_flush_denormal(False)
+    denormals = FLUSH_NOTE if flushed else "flush-to-zero not supported on this CPU; never-trained models' BatchNorm statistics calibrated"
+    return _result(
+        cpu, models, measurements, machine, then_by="threads",
+        settings=_settings(batch_sizes, backends, cpu, counts[0] if len(counts) == 1 else counts, warmup, repeats, rounds,
+                           denormals=denormals),
+        definitions=_definitions(
+            "threads x backend x batch size", "threads",
+            p90_ms="90th percentile of the same calls (MLPerf's edge latency figure)",
+            load_ms="time to turn the file's bytes into a ready runtime (session / program / interpreter / model)",
+            first_inference_ms="the first call after loading, before any warm-up",
+            file_bytes="the file a device receives: safetensors (eager), .onnx, .pte (static batch), .tflite",
+        ),
+    )
+
+
+def _model_row(model: torch.nn.Module, source: str) -> dict:
+    """A model's footprint, its source and its label (name, and the file it came from); the model goes to eval mode."""
+    from igkd.deploy.footprint import model_footprint
+
+    model.eval()
+    row = {**model_footprint(model), "source": source}
+    row["label"] = row["name"] if source == RANDOM_INIT else f"{row['name']} ({os.path.basename(source)})"
+    return row
+
+
+def _settings(batch_sizes, backends, device: torch.device, threads, warmup: int, repeats: int, rounds: int, **extra) -> dict:
+    """What a benchmark was run with; ``extra``: what only one schedule records."""
+    return {
+        "batch_sizes": batch_sizes,
+        "backends": backends,
+        "device": str(device),
+        "threads": threads,
+        "warmup": warmup,
+        "repeats": repeats,
+        "rounds": min(rounds, repeats),
+        "input": "float32 NCHW 3x32x32, uniform [0, 1], seed 0 (latency does not depend on the values)",
+        **extra,
+    }
+
+
+def _definitions(timed_per: str, compared_within: str, **extra) -> dict:
+    """What each figure means: models are timed together per ``timed_per`` setting, and a speed-up compares
+    models of the same backend, ``compared_within``, precision and batch size; ``extra``: one schedule's own figures."""
+    return {
+        "median_ms": "median over `repeats` timed calls (one call = one batch) after `warmup` untimed ones",
+        **extra,
+        "schedule": f"per {timed_per}, all models are timed in `rounds` interleaved rounds: "
+        "in each round every model (rotating start) makes 1 untimed call, then repeats/rounds timed calls",
+        "speedup_vs_teacher": f"teacher median / model median, same backend, {compared_within}, precision and batch size "
+        "(the first teacher in the run)",
+        "cf": "teacher parameters / model parameters",
+        "size_bytes": "state-dict bytes: floating tensors x 4 (fp32) or 2 (fp16); int8 = conv/linear weights "
+        "x 1 byte + one fp32 scale per output channel, other tensors fp32; BatchNorm counters not counted",
+    }
+
+
+def _result(
+    device: torch.device, models: list[dict], measurements: list[dict], machine: dict, *, then_by: str, settings: dict, definitions: dict
+) -> dict:
+    """The benchmark's document (either schedule): measurements ordered by model, backend, ``then_by`` and batch size, with speed-ups."""
+    from igkd.provenance import environment
+
     order = {row["label"]: i for i, row in enumerate(models)}
-    measurements.sort(key=lambda m: (order[m["model"]], backends.index(m["backend"]), m["threads"], m["batch_size"]))
+    measurements.sort(key=lambda m: (order[m["model"]], settings["backends"].index(m["backend"]), m[then_by], m["batch_size"]))
     _add_speedups(measurements)
     return {
         "kind": "igkd-latency-benchmark",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {
-            "batch_sizes": batch_sizes,
-            "backends": backends,
-            "device": "cpu",
-            "threads": counts[0] if len(counts) == 1 else counts,
-            "warmup": warmup,
-            "repeats": repeats,
-            "rounds": min(rounds, repeats),
-            "input": "float32 NCHW 3x32x32, uniform [0, 1], seed 0 (latency does not depend on the values)",
-            "denormals": FLUSH_NOTE if flushed else "flush-to-zero not supported on this CPU; never-trained models' BatchNorm statistics calibrated",
-        },
+        "settings": settings,
         "machine": machine,
-        "environment": environment(cpu),
+        "environment": environment(device),
         "models": models,
         "measurements": measurements,
-        "definitions": {
-            "median_ms": "median over `repeats` timed calls (one call = one batch) after `warmup` untimed ones",
-            "p90_ms": "90th percentile of the same calls (MLPerf's edge latency figure)",
-            "load_ms": "time to turn the file's bytes into a ready runtime (session / program / interpreter / model)",
-            "first_inference_ms": "the first call after loading, before any warm-up",
-            "file_bytes": "the file a device receives: safetensors (eager), .onnx, .pte (static batch), .tflite",
-            "schedule": "per threads x backend x batch size, all models are timed in `rounds` interleaved rounds: "
-            "in each round every model (rotating start) makes 1 untimed call, then repeats/rounds timed calls",
-            "speedup_vs_teacher": "teacher median / model median, same backend, threads, precision and batch size "
-            "(the first teacher in the run)",
-            "cf": "teacher parameters / model parameters",
-            "size_bytes": "state-dict bytes: floating tensors x 4 (fp32) or 2 (fp16); int8 = conv/linear weights "
-            "x 1 byte + one fp32 scale per output channel, other tensors fp32; BatchNorm counters not counted",
-        },
+        "definitions": definitions,
     }
 
 

@@ -143,21 +143,26 @@ def statistics_section(study: dict, student: str) -> dict:
         return {"skipped": str(err)}
 
 
+def _per_method(study: dict, runs: list[dict], key: str) -> list[tuple[str, list[dict]]]:
+    """(method, the ``key`` record of each of its runs) for every method of the study that has runs, in study order."""
+    grouped = [(method, [r[key] for r in runs if r["method"] == method]) for method in study["methods"]]
+    return [(method, records) for method, records in grouped if records]
+
+
 def agreement_section(study: dict, student: str) -> dict | None:
     """Per method: mean +- sd over runs of each run's mean Spearman rho and top-10% overlap (None without agreement.json)."""
     runs = [r for r in finished_runs(study, student) if r.get("agreement")]
     if not runs:
         return None
     first = runs[0]["agreement"]
-    methods = []
-    for method in study["methods"]:
-        mine = [r["agreement"] for r in runs if r["method"] == method]
-        if mine:
-            methods.append({
-                "method": method,
-                "spearman": spread([a["spearman"]["mean"] for a in mine if a["spearman"]["mean"] is not None]),
-                "top_overlap": spread([a["top_overlap"]["mean"] for a in mine if a["top_overlap"]["mean"] is not None]),
-            })
+    methods = [
+        {
+            "method": method,
+            "spearman": spread([a["spearman"]["mean"] for a in mine if a["spearman"]["mean"] is not None]),
+            "top_overlap": spread([a["top_overlap"]["mean"] for a in mine if a["top_overlap"]["mean"] is not None]),
+        }
+        for method, mine in _per_method(study, runs, "agreement")
+    ]
     return {"n_images": first.get("n"), "n_steps": first.get("n_steps"), "top_fraction": first.get("top_fraction"), "methods": methods}
 
 
@@ -167,17 +172,16 @@ def robustness_section(study: dict, student: str) -> dict | None:
     if not runs:
         return None
     corruptions = list(dict.fromkeys(c for r in runs for c in r["robustness"]["per_corruption_mean"]))
-    methods = []
-    for method in study["methods"]:
-        mine = [r["robustness"] for r in runs if r["method"] == method]
-        if mine:
-            methods.append({
-                "method": method,
-                "clean": spread([x["clean_accuracy"] for x in mine]),
-                "corruptions": {c: spread([x["per_corruption_mean"][c] for x in mine if c in x["per_corruption_mean"]]) for c in corruptions},
-                "mean_corruption_accuracy": spread([x["mean_corruption_accuracy"] for x in mine]),
-                "relative_drop": spread([x["relative_drop"] for x in mine if x.get("relative_drop") is not None]),
-            })
+    methods = [
+        {
+            "method": method,
+            "clean": spread([x["clean_accuracy"] for x in mine]),
+            "corruptions": {c: spread([x["per_corruption_mean"][c] for x in mine if c in x["per_corruption_mean"]]) for c in corruptions},
+            "mean_corruption_accuracy": spread([x["mean_corruption_accuracy"] for x in mine]),
+            "relative_drop": spread([x["relative_drop"] for x in mine if x.get("relative_drop") is not None]),
+        }
+        for method, mine in _per_method(study, runs, "robustness")
+    ]
     rows = [(r["method"], str(r.get("run", r["seed"])), float(r["robustness"]["mean_corruption_accuracy"])) for r in runs]
     dropped = []
     if study.get("paired"):  # pairs need both halves: keep the runs every method has

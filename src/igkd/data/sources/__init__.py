@@ -22,6 +22,7 @@ _MODULES = {
 DATASETS: tuple[str, ...] = tuple(_MODULES)
 
 
+# the sources' own signature after ``name``: passed on whole, so it repeats theirs on purpose
 def load_dataset(
     name: str,
     data_dir: str | os.PathLike | None = None,

@@ -52,6 +52,7 @@ _HOW_TO_GET = (
 )
 
 
+# the source signature that load_dataset calls: every source repeats it, on purpose (a module-level interface)
 def load(
     data_dir: str | os.PathLike | None = None,
     *,

@@ -26,6 +26,7 @@ SPLIT_SEED = 0
 SIZE = 32
 
 
+# the source signature that load_dataset calls: every source repeats it, on purpose (a module-level interface)
 def load(
     data_dir: str | os.PathLike | None = None,
     *,

@@ -51,6 +51,7 @@ class Layout:
     labels: dict[str, np.ndarray]  # split -> int64 label of each file
 
 
+# the source signature that load_dataset calls: every source repeats it, on purpose (a module-level interface)
 def load(
     data_dir: str | os.PathLike | None = None,
     *,

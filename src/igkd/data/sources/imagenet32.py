@@ -44,6 +44,7 @@ def cifar_class_map() -> dict[str, list[dict[str, str]]]:
     return {name: mapping[name] for name in CIFAR10_CLASSES}
 
 
+# the source signature that load_dataset calls: every source repeats it, on purpose (a module-level interface)
 def load(
     data_dir: str | os.PathLike | None = None,
     *,
