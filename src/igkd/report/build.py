@@ -140,7 +140,7 @@ def ig_grid(study: dict, dataset, path: Path) -> str:
     titles = [dataset.classes[int(dataset.train.labels[i])] for i in picks]
     m = cache.manifest
     caption = (f"teacher IG maps of {dataset.name} training images {picks} ({m.get('method', 'IG')}, {m.get('n_steps')} steps, "
-               f"baseline {m.get('baseline')}, reduction {m.get('reduction')}) from {record['path']}; overlay = (image + min-max map) / 2")
+               f"baseline {m.get('baseline')}, reduction {m.get('reduction')}) from {tables.shown_path(record['path'])}; overlay = (image + min-max map) / 2")
     figures.overlay_grid(dataset.train.images[picks], maps, titles, path, caption=f"{dataset.name}: teacher IG maps")
     return caption
 

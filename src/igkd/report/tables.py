@@ -59,6 +59,20 @@ def finished_runs(study: dict, student: str | None = None) -> list[dict]:
     return [r for r in study["runs"] if r["status"] == "finished" and (student is None or r.get("student") == student)]
 
 
+def shown_path(path) -> str:
+    """A path as a report shows it: relative to the working directory when inside it (a report copied into
+    docs/ or another machine then names ``repro-cpu/ablation``, not this machine's absolute folder), else absolute."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)
+
+
+def _shown_record(record: dict | None) -> dict | None:
+    return {**record, "path": shown_path(record["path"])} if record and record.get("path") else record
+
+
 def provenance(study: dict) -> dict:
     """Where the study's numbers come from: folder, data, teacher, devices, versions, seeds, pairing."""
     finished = finished_runs(study)
@@ -66,7 +80,7 @@ def provenance(study: dict) -> dict:
     envs = [s.get("environment") or {} for s in summaries]
     configs = study.get("configs") or {}
     return {
-        "path": str(Path(study["path"]).resolve()),
+        "path": shown_path(study["path"]),
         "kind": study["kind"],
         "paired": study.get("paired"),
         "pairing": study.get("pairing"),
@@ -76,8 +90,8 @@ def provenance(study: dict) -> dict:
             "source": _distinct((s.get("dataset") or {}).get("source") for s in summaries),
         },
         "subset": study.get("subset"),
-        "teacher": study.get("teacher"),
-        "attributions": study.get("attributions"),
+        "teacher": _shown_record(study.get("teacher")),
+        "attributions": _shown_record(study.get("attributions")),
         "training": {m: training_settings(c) for m, c in configs.items()},
         "cohort_sizes": sorted({int(s.get("cohort_size") or 1) for s in summaries}),
         "devices": _distinct(e.get("device_name") for e in envs),
@@ -272,7 +286,7 @@ def latency_section(path: str | Path, data: dict) -> dict:
                 cells[f"{key[0]} {key[1]} b{key[2]}"] = {"median_ms": m["median_ms"], "speedup_vs_teacher": m.get("speedup_vs_teacher")}
         rows.append({"model": model["label"], "params": model.get("params"), "cf": model.get("cf"), "latency": cells})
     return {
-        "path": str(Path(path).resolve()),
+        "path": shown_path(path),
         "created": data.get("created"),
         "machine": data.get("machine", {}),
         "settings": data.get("settings", {}),
@@ -293,7 +307,7 @@ def evaluation_section(paths: list[str | Path]) -> dict | None:
         if not isinstance(data, dict) or not {"accuracy", "per_class", "n"} <= set(data):
             raise IgkdError(f"{path} has no accuracy/per_class/n: {how}")
         results.append({
-            "file": str(Path(path).resolve()),
+            "file": shown_path(path),
             **{k: data.get(k) for k in ("model", "checkpoint", "dataset", "fingerprint", "split", "n", "accuracy", "per_class")},
             "device": (data.get("environment") or {}).get("device_name"),
             "git_sha": (data.get("environment") or {}).get("git_sha"),
