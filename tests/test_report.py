@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,15 @@ def test_bad_inputs_fail_with_one_line(tmp_path, capsys, study_dir):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "rep").exists()
+
+
+def test_report_paths_are_shown_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """A report copied into docs/ names repro-cpu/ablation, not the absolute folder of the machine it ran on."""
+    from igkd.report.tables import shown_path
+
+    (tmp_path / "repro" / "ablation").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(tmp_path / "repro" / "ablation") == str(Path("repro") / "ablation")
+    assert shown_path("repro/ablation") == str(Path("repro") / "ablation")
+    outside = tmp_path.parent / "elsewhere"
+    assert shown_path(outside) == str(outside.resolve())
