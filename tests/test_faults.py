@@ -638,7 +638,7 @@ def test_export_takes_a_run_folder(world, tmp_path, capsys):
 
 def test_methods_all_is_what_can_run_in_one_study(capsys):
     from igkd.distill import METHODS
-    from igkd.experiments.studies import parse_methods
+    from igkd.experiments.plan import parse_methods
 
     everything = parse_methods("all")
     assert "kd_saliency" not in everything and everything == [m for m in METHODS if m != "kd_saliency"]

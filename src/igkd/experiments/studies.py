@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Callable
 
 from igkd.atomic import atomic_write_json, atomic_write_text, load_json, read_json_object, remove_stale_temporaries
-from igkd.distill import METHODS, PAPER_METHODS, executor, resolve_config, run_training  # noqa: F401 - tune trains its trials one by one with run_training
+from igkd.distill import executor, resolve_config, run_training  # noqa: F401 - tune trains its trials one by one with run_training
 from igkd.distill.executor import Run
 from igkd.errors import IgkdError
 from igkd.experiments.agreement import AGREEMENT_FILE, measure_agreement
+from igkd.experiments.plan import at_least_one, build_plan, one_student, pairing, parse_methods, parse_students, reference_params, student_params
 from igkd.locking import folder_lock
 
 STUDY_FILE = "study.json"
@@ -57,8 +58,6 @@ KINDS = ("ablation", "montecarlo", "sweep-cf", "tune")
 STUDY_KEYS = ("method", "student", "seed", "subset", "subset_seed", "device")
 #: Config keys that do not change what a run computes (left out of the identity).
 NOT_IDENTITY = ("seed", "subset_seed", "student", "device", "compile")
-#: Seeds of independent Monte Carlo runs: run r of the i-th method (in METHODS order) uses r + i * STRIDE.
-INDEPENDENT_STRIDE = 1000
 #: What a tune study must keep to be continued (its trial count may change).
 TUNE_IDENTITY = ("study_name", "storage", "sampler", "params", "space")
 
@@ -110,54 +109,6 @@ class StudyOptions:
 
 
 # -- small parsers shared by the commands ------------------------------------------------------
-
-
-def methods_of_one_cache() -> list[str]:
-    """``--methods all``: every method that can run in one study, i.e. all but those whose overlay needs a
-    cache other than IG maps (``kd_saliency``, a saliency cache: a study has one cache, so it runs by name
-    in a study of its own)."""
-    from igkd.distill.controls import expected_attribution_method
-
-    return [m for m, preset in METHODS.items() if expected_attribution_method(preset.get("overlay_maps", "ig")) == "ig"]
-
-
-def parse_methods(text: str | list[str]) -> list[str]:
-    """``paper`` (the paper's eight methods), ``all`` (every method that can run in one study:
-    :func:`methods_of_one_cache`) or a comma-separated list of method names (order kept, repeats dropped)."""
-    items = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
-    if items == ["paper"]:
-        return list(PAPER_METHODS)
-    if items == ["all"]:
-        return methods_of_one_cache()
-    unknown = [m for m in items if m not in METHODS]
-    if unknown or not items:
-        problem = f"unknown method {unknown[0]!r}" if unknown else "no methods given"
-        raise IgkdError(f"{problem}: use paper, all or a comma-separated list of {', '.join(METHODS)}")
-    return list(dict.fromkeys(items))
-
-
-def parse_students(text: str | list[str]) -> list[str]:
-    """``all`` or a comma-separated list of students (k3 ... k17), as ``k<n>``, ordered by size (largest first)."""
-    from igkd.models import STUDENT_KS, parse_model_name
-
-    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
-    if [s.lower() for s in items] == ["all"]:
-        return [f"k{k}" for k in STUDENT_KS]
-    ks = []
-    for item in items:
-        k = parse_model_name(item)
-        if k == 0:
-            raise IgkdError("the teacher is not a student: list students k3 ... k17")
-        ks.append(k)
-    if not ks:
-        raise IgkdError("no students given: use all or a comma-separated list such as k3,k5,k17")
-    return [f"k{k}" for k in sorted(set(ks))]
-
-
-def at_least_one(value: int, what: str) -> int:
-    if value < 1:
-        raise IgkdError(f"{what} must be at least 1, got {value}")
-    return value
 
 
 # -- what a study is ------------------------------------------------------------------------------
@@ -233,19 +184,6 @@ def dataset_record(dataset) -> dict:
     return {"name": dataset.name, "fingerprint": dataset.fingerprint, "train": len(dataset.train), "test": len(dataset.test), "classes": list(dataset.classes)}
 
 
-def _student_params(student: str, dataset, width: float) -> int:
-    from igkd.models import build_model, count_parameters
-
-    return count_parameters(build_model(student, num_classes=dataset.num_classes, width=width))
-
-
-def _reference_params(teacher: dict | None, dataset) -> tuple[int, str]:
-    """Parameters the compression factor divides: the teacher file's, else the family teacher's."""
-    if teacher is not None:
-        return teacher["params"], "the teacher file"
-    return _student_params("teacher", dataset, 1.0), "the family's MobileNetV2 teacher (no --teacher given)"
-
-
 def check_inputs(configs: dict, options: StudyOptions, teacher: dict | None, attributions: dict | None) -> None:
     """Fail before any training when a planned run could not start, or the config file sets a key that acts
     on none of the planned runs (:func:`igkd.distill.config.refuse_no_effect`)."""
@@ -267,50 +205,6 @@ def check_inputs(configs: dict, options: StudyOptions, teacher: dict | None, att
         from igkd.evaluate.corruptions import parse_corruption_spec
 
         parse_corruption_spec(options.robustness)
-
-
-def _plan_entry(run_id: str, method: str, student: str, run: int, seed: int, subset_seed: int, params: int, reference: int) -> dict:
-    return {
-        "run_id": run_id,
-        "method": method,
-        "student": student,
-        "run": run,
-        "seed": seed,
-        "subset_seed": subset_seed,
-        "params": params,
-        "cf": round(reference / params, 2),
-    }
-
-
-def _independent_seed(method: str, run: int) -> int:
-    return run + INDEPENDENT_STRIDE * list(METHODS).index(method)
-
-
-def build_plan(kind: str, methods: list[str], students: list[str], runs: list[int], subset: float, independent: bool, params: dict, reference: int) -> list[dict]:
-    """Every run of the study, seed-major: run r of every student and method before run r + 1."""
-    plan = []
-    for r in runs:
-        for student in students:
-            for method in methods:
-                if kind == "montecarlo":
-                    seed = _independent_seed(method, r) if independent else r
-                    run_id = f"{method}-r{r}"
-                elif kind == "sweep-cf":
-                    seed, run_id = r, f"{student}-{method}-s{r}"
-                else:
-                    seed, run_id = r, f"{method}-s{r}"
-                plan.append(_plan_entry(run_id, method, student, r, seed, seed, params[student], reference))
-    return plan
-
-
-def _pairing(kind: str, subset: float, independent: bool) -> tuple[bool, str]:
-    if independent:
-        return False, "each method's run r has its own seed and subset (r + 1000 x method index): unpaired, Welch's t-test"
-    if kind == "montecarlo":
-        return True, f"run r of every method uses seed r and the same stratified {subset:g} subset (subset_seed r)"
-    if kind == "sweep-cf":
-        return True, "for each student, seed r is shared by every method (full training split)"
-    return True, "run r of every method uses seed r on the full training split (minus validation)"
 
 
 def _describe(study: dict, attributions_key: str = "identity_sha256") -> dict:
@@ -529,13 +423,13 @@ def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: floa
         raise IgkdError("--out must not be the teacher's folder")
     configs = {m: options.config(m, students[0], 0, subset, 0 if subset < 1 else None) for m in methods}
     teacher, attributions = input_records(options, dataset, configs)
-    paired, pairing = _pairing(kind, subset, independent)
+    paired, pairing_text = pairing(kind, subset, independent)
     new = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "paired": paired,
-        "pairing": pairing,
+        "pairing": pairing_text,
         "methods": methods,
         "students": students,
         "runs": runs,
@@ -553,9 +447,9 @@ def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: floa
     study = open_study(out, new)
     all_configs = {m: configs.get(m) or options.config(m, students[0], 0, subset, 0 if subset < 1 else None) for m in study["methods"]}
     check_inputs(all_configs, options, teacher, attributions)
-    reference, reference_source = _reference_params(teacher, dataset)
+    reference, reference_source = reference_params(teacher, dataset)
     width = all_configs[study["methods"][0]].width
-    params = {s: _student_params(s, dataset, width) for s in study["students"]}
+    params = {s: student_params(s, dataset, width) for s in study["students"]}
     study["cf_reference"] = {"params": reference, "source": reference_source}
     study["plan"] = build_plan(kind, study["methods"], study["students"], study["runs"], subset, independent, params, reference)
     out.mkdir(parents=True, exist_ok=True)
@@ -603,13 +497,6 @@ def run_sweep(dataset, out, *, students="all", methods="student,kd_ig", seeds: i
         "sweep-cf", dataset, out, methods=parse_methods(methods), students=parse_students(students),
         runs=list(range(at_least_one(seeds, "--seeds"))), options=study_options(options, kwargs),
     )
-
-
-def one_student(student: str) -> list[str]:
-    students = parse_students(student)
-    if len(students) != 1:
-        raise IgkdError(f"this study trains one student, got {', '.join(students)}: use igkd sweep-cf for several")
-    return students
 
 
 # -- reading ----------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from pathlib import Path
 from igkd.atomic import atomic_write_json, load_json
 from igkd.errors import IgkdError
 from igkd.experiments import studies
+from igkd.experiments.plan import at_least_one, one_student, parse_methods
 from igkd.experiments.studies import RUNS_DIR, StudyOptions
 
 TUNE_FILE = "tune.json"
@@ -486,21 +487,21 @@ def run_tune(
     studies.refuse_torchrun()
     options = studies.study_options(options, kwargs)
     out = Path(out)
-    methods = studies.parse_methods(method)
+    methods = parse_methods(method)
     if len(methods) != 1:
         raise IgkdError(f"tune one method at a time, got {', '.join(methods)}")
     method = methods[0]
-    student = studies.one_student(student)[0]
+    student = one_student(student)[0]
     names = parse_params(params)
     space = load_space(names, sampler, grid_file)
     names = list(space)
     points = grid_points(space)
     if sampler == "grid":
-        target = len(points) if trials is None else min(studies.at_least_one(trials, "--trials"), len(points))
+        target = len(points) if trials is None else min(at_least_one(trials, "--trials"), len(points))
     elif trials is None:
         raise IgkdError("the TPE sampler needs --trials N (the number of completed trials to aim at)")
     else:
-        target = studies.at_least_one(trials, "--trials")
+        target = at_least_one(trials, "--trials")
         if points:
             target = min(target, len(points))  # every listed combination can be tried only once
     base, teacher, attributions = _check_space(dataset, space, method, student, seed, options)
