@@ -42,14 +42,14 @@ from igkd.atomic import atomic_write_json, atomic_write_text, load_json, read_js
 from igkd.distill import executor, resolve_config, run_training  # noqa: F401 - tune trains its trials one by one with run_training
 from igkd.distill.executor import Run
 from igkd.errors import IgkdError
-from igkd.experiments.agreement import AGREEMENT_FILE, measure_agreement
+from igkd.experiments.agreement import AGREEMENT_FILE
+from igkd.experiments.extras import ROBUSTNESS_FILE, add_extras, check_extras, extras_record
 from igkd.experiments.plan import at_least_one, build_plan, one_student, pairing, parse_methods, parse_students, reference_params, student_params
 from igkd.locking import folder_lock
 
 STUDY_FILE = "study.json"
 RESULTS_FILE = "results.csv"
 RUNS_DIR = "runs"
-ROBUSTNESS_FILE = "robustness.json"
 FORMAT = "igkd-study"
 FORMAT_VERSION = 1
 KINDS = ("ablation", "montecarlo", "sweep-cf", "tune")
@@ -167,13 +167,6 @@ def input_records(options: StudyOptions, dataset, configs: dict) -> tuple[dict |
     return teacher, attributions
 
 
-def extras_record(options: StudyOptions) -> dict:
-    return {
-        "agreement": {"n": options.agreement, "n_steps": options.agreement_steps} if options.agreement else None,
-        "robustness": options.robustness,
-    }
-
-
 def first_difference(saved: dict, current: dict) -> str | None:
     """The first key (sorted) whose value differs between the two dicts, or None."""
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
@@ -196,15 +189,7 @@ def check_inputs(configs: dict, options: StudyOptions, teacher: dict | None, att
             raise IgkdError(f"method {method!r} needs a teacher: pass --teacher CKPT")
         if config.p > 0 and attributions is None:
             raise IgkdError(f"method {method!r} overlays IG maps (p={config.p}): pass --attributions DIR (built by 'igkd attributions compute')")
-    if options.agreement is not None:
-        if options.agreement < 1:
-            raise IgkdError(f"--agreement takes a number of test images (e.g. 500), got {options.agreement}")
-        if teacher is None:
-            raise IgkdError("--agreement compares each student's IG maps with the teacher's: pass --teacher CKPT")
-    if options.robustness is not None:
-        from igkd.evaluate.corruptions import parse_corruption_spec
-
-        parse_corruption_spec(options.robustness)
+    check_extras(options, teacher)
 
 
 def _describe(study: dict, attributions_key: str = "identity_sha256") -> dict:
@@ -310,30 +295,6 @@ def run_folder_name(run_id) -> bool:
 # -- running ----------------------------------------------------------------------------------------
 
 
-
-
-def add_extras(run_dir: Path, dataset, teacher: dict | None, options: StudyOptions, cache: dict | None = None) -> None:
-    """agreement.json / robustness.json for a finished run, unless present with the same settings.
-
-    ``cache``: a dict the caller keeps across the runs of a study (the teacher's IG maps are computed once).
-    """
-    if options.agreement is not None:
-        existing = read_json_object(run_dir / AGREEMENT_FILE) or {}
-        if (existing.get("n_requested"), existing.get("n_steps")) != (options.agreement, options.agreement_steps):
-            result = measure_agreement(teacher["path"], run_dir, dataset, n=options.agreement, n_steps=options.agreement_steps, device=options.device, cache=cache)
-            atomic_write_json(run_dir / AGREEMENT_FILE, result)
-    if options.robustness is not None:
-        existing = read_json_object(run_dir / ROBUSTNESS_FILE) or {}
-        if existing.get("spec") != options.robustness:
-            from igkd.devices import resolve_device
-            from igkd.models import load_model
-
-            device = resolve_device(options.device)
-            model, _ = load_model(run_dir / "model.safetensors")
-            from igkd.evaluate.robustness import evaluate_robustness
-
-            result = evaluate_robustness(model.to(device), dataset, options.robustness, device=device)
-            atomic_write_json(run_dir / ROBUSTNESS_FILE, result)
 
 
 def _results_csv(study: dict, out: Path) -> None:

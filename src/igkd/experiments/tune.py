@@ -43,6 +43,7 @@ from pathlib import Path
 from igkd.atomic import atomic_write_json, load_json
 from igkd.errors import IgkdError
 from igkd.experiments import studies
+from igkd.experiments.extras import add_extras, extras_record
 from igkd.experiments.plan import at_least_one, one_student, parse_methods
 from igkd.experiments.studies import RUNS_DIR, StudyOptions
 
@@ -304,7 +305,7 @@ class _Worker:
 
     def finish(self, trial, run_dir: Path, summary: dict) -> float:
         teacher = self.record.get("teacher")
-        studies.add_extras(run_dir, self.dataset, teacher, self.options, self.cache)
+        add_extras(run_dir, self.dataset, teacher, self.options, self.cache)
         trial.set_user_attr("val_accuracy", summary["val_accuracy"])
         trial.set_user_attr("test_accuracy", summary["test_accuracy"])
         trial.set_user_attr("wall_time_s", summary["wall_time_s"])
@@ -626,7 +627,7 @@ def _study_record(dataset, base, teacher, attributions, options: StudyOptions, t
         "dataset": studies.dataset_record(dataset),
         "teacher": teacher,
         "attributions": attributions,
-        "extras": studies.extras_record(options),
+        "extras": extras_record(options),
         "tune": tune_meta,
         "plan": [],
         "created": studies.now(),
