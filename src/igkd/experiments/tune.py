@@ -44,6 +44,7 @@ from igkd.atomic import atomic_write_json, load_json
 from igkd.errors import IgkdError
 from igkd.experiments import studies
 from igkd.experiments.extras import add_extras, extras_record
+from igkd.experiments.inputs import check_inputs, dataset_record, input_records
 from igkd.experiments.plan import at_least_one, one_student, parse_methods
 from igkd.experiments.studies import RUNS_DIR, StudyOptions
 
@@ -605,8 +606,8 @@ def _check_space(dataset, space: dict, method: str, student: str, seed: int, opt
     from igkd.distill.config import refuse_no_effect
 
     refuse_no_effect(list(configs.values()), {name: "--params" for name in space})  # e.g. T of a method without KD
-    teacher, attributions = studies.input_records(options, dataset, configs)
-    studies.check_inputs(configs, options, teacher, attributions)
+    teacher, attributions = input_records(options, dataset, configs)
+    check_inputs(configs, options, teacher, attributions)
     return base, teacher, attributions
 
 
@@ -624,7 +625,7 @@ def _study_record(dataset, base, teacher, attributions, options: StudyOptions, t
         "subset": 1.0,
         "independent": False,
         "configs": {base.method: studies.config_identity(base)},
-        "dataset": studies.dataset_record(dataset),
+        "dataset": dataset_record(dataset),
         "teacher": teacher,
         "attributions": attributions,
         "extras": extras_record(options),
