@@ -392,7 +392,7 @@ def _append_invocation(out: str, worker: int, rounds: int) -> None:
 
 
 def test_concurrent_tune_workers_keep_every_invocation(tmp_path):
-    from igkd.experiments import studies
+    from igkd.experiments import study_folder as studies
 
     out = tmp_path / "tune"
     template = {

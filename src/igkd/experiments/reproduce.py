@@ -396,7 +396,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 
 def _accuracies(out: Path, study: str) -> dict[str, list[float]]:
-    from igkd.experiments.studies import load_study
+    from igkd.experiments.study_folder import load_study
 
     if not (out / study / "study.json").exists():
         return {}
@@ -515,7 +515,7 @@ def run_reproduce(
     from igkd.data import load_dataset
     from igkd.devices import resolve_device
     from igkd.distill.executor import NotEnoughTime, check_cohort_size
-    from igkd.experiments.studies import now
+    from igkd.experiments.study_folder import now
     from igkd.provenance import environment, git_sha, load_average, machine_facts
 
     out = Path(out)

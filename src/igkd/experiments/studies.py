@@ -1,11 +1,15 @@
-"""Studies: many training runs planned together, written to one folder, resumable, balanced.
+"""Studies of many runs (ablation, montecarlo, sweep-cf): a plan of runs, handed to the executor, kept as records.
 
-A study is a plan of runs (method x seed, or x student) and a folder::
+A study is *a plan of runs -> the executor -> records*, each part in its own module:
 
-    STUDY/study.json            what the study is (schema in docs/experiments.md)
-    STUDY/results.csv           one line per finished run (method, run, accuracy, ..., the cohort size it trained in)
-    STUDY/runs/<run_id>/        one run folder of igkd.distill.run_training
-                                (+ agreement.json, robustness.json when asked for)
+- the plan (:mod:`igkd.experiments.plan`): method x seed (x student) runs in seed-major order, paired or not,
+  each with the training config :meth:`StudyOptions.config` gives it; what the runs share (data, teacher,
+  IG maps) is recorded and checked first (:mod:`igkd.experiments.inputs`);
+- the executor (:mod:`igkd.distill.executor`): trains every unfinished run, in cohorts where they fit;
+- the records (:mod:`igkd.experiments.study_folder`): study.json, results.csv and the run folders, plus the
+  extras measured on each finished run (:mod:`igkd.experiments.extras`).
+
+``igkd tune`` (:mod:`igkd.experiments.tune`) shares all three; its plan is Optuna's sampler.
 
 Kinds (each a function here and an ``igkd`` command):
 
@@ -29,38 +33,22 @@ refused, because its runs would no longer be comparable.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from igkd.atomic import atomic_write_json, atomic_write_text, load_json, read_json_object, remove_stale_temporaries
+from igkd.atomic import atomic_write_json, remove_stale_temporaries
 from igkd.distill import executor, resolve_config, run_training  # noqa: F401 - tune trains its trials one by one with run_training
 from igkd.distill.executor import Run
 from igkd.errors import IgkdError
-from igkd.experiments.agreement import AGREEMENT_FILE
-from igkd.experiments.extras import ROBUSTNESS_FILE, add_extras, extras_record
-from igkd.experiments.inputs import check_inputs, dataset_record, input_records
+from igkd.experiments.extras import add_extras
+from igkd.experiments.inputs import check_inputs, input_records
 from igkd.experiments.plan import at_least_one, build_plan, one_student, pairing, parse_methods, parse_students, reference_params, student_params
-from igkd.locking import folder_lock
-
-STUDY_FILE = "study.json"
-RESULTS_FILE = "results.csv"
-RUNS_DIR = "runs"
-FORMAT = "igkd-study"
-FORMAT_VERSION = 1
-KINDS = ("ablation", "montecarlo", "sweep-cf", "tune")
+from igkd.experiments.study_folder import RESULTS_FILE, RUNS_DIR, STUDY_FILE, load_study, open_study, study_lock, study_record, write_results
 
 #: Config keys a study sets per run; a --config file must not set them.
 STUDY_KEYS = ("method", "student", "seed", "subset", "subset_seed", "device")
-#: Config keys that do not change what a run computes (left out of the identity).
-NOT_IDENTITY = ("seed", "subset_seed", "student", "device", "compile")
-#: What a tune study must keep to be continued (its trial count may change).
-TUNE_IDENTITY = ("study_name", "storage", "sampler", "params", "space")
 
 
 @dataclass
@@ -108,152 +96,15 @@ class StudyOptions:
             **overrides,
         )
 
+    def say(self, text: str) -> None:
+        """A progress line (rich markup), unless ``progress`` is off."""
+        if self.progress:
+            from rich.console import Console
 
-# -- small parsers shared by the commands ------------------------------------------------------
-
-
-# -- what a study is ------------------------------------------------------------------------------
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def config_identity(config) -> dict:
-    values = json.loads(json.dumps(config.to_dict()))
-    return {k: v for k, v in values.items() if k not in NOT_IDENTITY}
-
-
-def first_difference(saved: dict, current: dict) -> str | None:
-    """The first key (sorted) whose value differs between the two dicts, or None."""
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    return changed[0] if changed else None
-
-
-def _describe(study: dict, attributions_key: str = "identity_sha256") -> dict:
-    """The parts of a study that must not change when it is continued."""
-    return {
-        "kind": study["kind"],
-        "dataset": study["dataset"]["fingerprint"],
-        "teacher": (study.get("teacher") or {}).get("sha256"),
-        # what the maps are, not the manifest's bytes: a cache rebuilt on the next machine continues the study
-        "attributions": (study.get("attributions") or {}).get(attributions_key),
-        "subset": study["subset"],
-        "independent": study.get("independent", False),
-        **({} if study["kind"] == "sweep-cf" else {"students": study["students"]}),
-        **({"runs": study["runs"], "tune": {k: study["tune"][k] for k in TUNE_IDENTITY}} if study["kind"] == "tune" else {}),
-    }
-
-
-def _merge(saved: dict, new: dict, path: Path) -> dict:
-    """``saved`` grown by ``new``'s methods, runs and (sweep) students; IgkdError on any other difference."""
-    if saved.get("format") != FORMAT or saved.get("format_version") != FORMAT_VERSION:
-        raise IgkdError(f"{path} is not an igkd study file (format {saved.get('format')!r} version {saved.get('format_version')!r})")
-    key = "identity_sha256" if "identity_sha256" in (saved.get("attributions") or {}) or not saved.get("attributions") else "manifest_sha256"  # studies of 0.1.0
-    old, now = _describe(saved, key), _describe(new, key)
-    for key in old:
-        if old[key] != now[key]:
-            raise IgkdError(
-                f"{path.parent} is a study with {key} = {old[key]!r}, but this command asks for {now[key]!r}; "
-                "use the same options to continue it, or another --out for a new study"
-            )
-    for method in set(saved["configs"]) & set(new["configs"]):
-        a, b = saved["configs"][method], new["configs"][method]
-        key = first_difference(a, b)
-        if key is not None:
-            raise IgkdError(
-                f"{path.parent}: method {method!r} was planned with {key}={a.get(key)!r} but this command gives {key}={b.get(key)!r}; "
-                "use the same training options to continue the study, or another --out"
-            )
-    merged = dict(saved)
-    merged["methods"] = saved["methods"] + [m for m in new["methods"] if m not in saved["methods"]]
-    merged["students"] = saved["students"] + [s for s in new["students"] if s not in saved["students"]]
-    merged["runs"] = sorted(set(saved["runs"]) | set(new["runs"]))
-    merged["configs"] = {**saved["configs"], **new["configs"]}
-    merged["teacher"], merged["attributions"] = new["teacher"], new["attributions"]  # same files (sha256), maybe other paths
-    merged["extras"] = new["extras"]
-    merged["invocations"] = saved.get("invocations", []) + new["invocations"]
-    merged["updated"] = new["updated"]
-    return merged
-
-
-def invocation(device, cohort_size: int | None = None) -> dict:
-    """One command's record in study.json; ``cohort_size``: the cohort size it asked for (None: the device's default,
-    recorded as that number). Each run's summary.json and results.csv line say the size it was trained with."""
-    from igkd.devices import resolve_device
-    from igkd.distill.executor import default_cohort_size
-    from igkd.provenance import environment
-
-    env = environment(device)
-    return {
-        "time": now(), "command": env["command"], "git_sha": env["git_sha"], "hostname": env["hostname"], "device": env["device_name"],
-        "cohort_size": cohort_size or default_cohort_size(resolve_device(device)),
-    }
-
-
-def open_study(out: Path, new: dict) -> dict:
-    """The study to run in ``out``: ``new``, or the saved one grown by ``new`` (never changed). Writes nothing."""
-    path = out / STUDY_FILE
-    if path.exists():
-        return _merge(read_study_file(path), new, path)
-    if out.exists() and not out.is_dir():
-        raise IgkdError(f"--out {out} is a file: give a folder for the study")
-    if out.is_dir() and any(not (p.name.startswith(f".{STUDY_FILE}.") or p.name == ".lock") for p in out.iterdir()):  # a write in flight, the locks
-        raise IgkdError(f"{out} is not empty and holds no {STUDY_FILE}: choose an empty or new folder for the study")
-    return new
-
-
-def read_study_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise IgkdError(f"no study at {path.parent} (no {STUDY_FILE}): give the folder a study command wrote")
-    try:
-        study = load_json(path)
-    except (OSError, ValueError) as err:
-        raise IgkdError(f"{path} is not readable JSON ({err})") from None
-    if not isinstance(study, dict) or study.get("format") != FORMAT or not isinstance(study.get("kind"), str):
-        raise IgkdError(f"{path} is not an igkd study file")
-    plan = study.get("plan", [])
-    if not isinstance(plan, list) or not all(isinstance(entry, dict) for entry in plan):
-        raise IgkdError(f"{path}: 'plan' is not a list of runs: it was not written by igkd (run the study command into a new --out)")
-    for entry in plan:
-        if not run_folder_name(entry.get("run_id")):
-            raise IgkdError(f"{path}: run_id {entry.get('run_id')!r} is not one folder name under {RUNS_DIR}/ (no '/' or '\\', not '.' or '..'): "
-                            "refused; it was not written by igkd (run the study command into a new --out)")
-    return study
-
-
-def run_folder_name(run_id) -> bool:
-    """A run id names one folder in STUDY/runs: a non-empty str, one plain path part (not '.' or '..', not absolute)."""
-    return (
-        isinstance(run_id, str) and run_id not in ("", ".", "..") and not any(c in "/\\:" or ord(c) < 32 for c in run_id)
-    )
+            Console().print(text, highlight=False)
 
 
 # -- running ----------------------------------------------------------------------------------------
-
-
-
-
-def _results_csv(study: dict, out: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "run", "accuracy", "student", "seed", "subset_seed", "params", "cf", "val_accuracy", "run_id", "cohort_size"])
-    for entry in study["plan"]:
-        summary = read_json_object(out / RUNS_DIR / entry["run_id"] / "summary.json")
-        if summary is not None:
-            writer.writerow([
-                entry["method"], entry["run"], summary["test_accuracy"], entry["student"], entry["seed"], entry["subset_seed"],
-                entry["params"], entry["cf"], summary.get("val_accuracy"), entry["run_id"], summary.get("cohort_size", 1),
-            ])
-    atomic_write_text(out / RESULTS_FILE, buffer.getvalue())
-
-
-def say(options: StudyOptions, text: str) -> None:
-    if options.progress:
-        from rich.console import Console
-
-        Console().print(text, highlight=False)
 
 
 def _finished(run_dir: Path) -> bool:
@@ -267,7 +118,7 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
     """Train every unfinished run of the plan (in cohorts, see :mod:`igkd.distill.executor`); finished runs are
     skipped, interrupted ones resume. Extras (agreement, robustness) follow each finished run."""
     teacher, attributions, cache = study.get("teacher"), study.get("attributions"), {}
-    _results_csv(study, out)  # runs finished earlier (a grown plan reorders them)
+    write_results(study, out)  # runs finished earlier (a grown plan reorders them)
     runs = []
     for entry in study["plan"]:
         config = options.config(entry["method"], entry["student"], entry["seed"], study["subset"], entry["subset_seed"] if study["subset"] < 1 else None)
@@ -275,10 +126,10 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
         runs.append(Run(config, out / RUNS_DIR / entry["run_id"], label))
     earlier = [r for r in runs if _finished(r.out)]
     if earlier:
-        say(options, f"[dim]study {study['kind']}: {len(earlier)} of {len(runs)} runs finished earlier: skipped[/dim]")
+        options.say(f"[dim]study {study['kind']}: {len(earlier)} of {len(runs)} runs finished earlier: skipped[/dim]")
 
     def finished(cohort: list[Run], _summaries) -> None:
-        _results_csv(study, out)
+        write_results(study, out)
         for run in cohort:
             add_extras(run.out, dataset, teacher, options, cache)
 
@@ -290,7 +141,7 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
         attributions_dir=attributions["path"] if attributions else None,
         cohort_size=options.cohort_size, progress=options.progress, on_epoch_end=options.on_epoch_end,
         on_finished=finished, time_left=options.time_left,
-        say=lambda text: say(options, f"[bold]study {study['kind']}:[/bold] {text}"),
+        say=lambda text: options.say(f"[bold]study {study['kind']}:[/bold] {text}"),
     )
 
 
@@ -300,17 +151,6 @@ def refuse_torchrun() -> None:
             "studies run as one process (tune: one process per worker); torchrun is for a single run: "
             "torchrun --nproc_per_node N -m igkd.cli distill ..."
         )
-
-
-def study_lock(out: Path):
-    """Hold ``out/.lock`` while training, so two processes never run the same study folder at once
-    (:func:`igkd.locking.folder_lock`; released when the process dies)."""
-    return folder_lock(out, what=f"study {out}")
-
-
-def study_file_lock(out: Path):
-    """Held briefly while study.json is read, merged and written, so concurrent tune workers keep every invocation."""
-    return folder_lock(out, name=".study.json.lock", wait=True, what=f"study {out}")
 
 
 def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: float = 1.0, independent: bool = False, options: StudyOptions) -> dict:
@@ -323,26 +163,10 @@ def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: floa
     configs = {m: options.config(m, students[0], 0, subset, 0 if subset < 1 else None) for m in methods}
     teacher, attributions = input_records(options, dataset, configs)
     paired, pairing_text = pairing(kind, subset, independent)
-    new = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "paired": paired,
-        "pairing": pairing_text,
-        "methods": methods,
-        "students": students,
-        "runs": runs,
-        "subset": subset,
-        "independent": independent,
-        "configs": {m: config_identity(c) for m, c in configs.items()},
-        "dataset": dataset_record(dataset),
-        "teacher": teacher,
-        "attributions": attributions,
-        "extras": extras_record(options),
-        "created": now(),
-        "updated": now(),
-        "invocations": [invocation(configs[methods[0]].device, options.cohort_size)],
-    }
+    new = study_record(
+        kind, paired=paired, pairing=pairing_text, methods=methods, students=students, runs=runs, subset=subset, independent=independent,
+        configs=configs, dataset=dataset, teacher=teacher, attributions=attributions, options=options, cohort_size=options.cohort_size,
+    )
     study = open_study(out, new)
     all_configs = {m: configs.get(m) or options.config(m, students[0], 0, subset, 0 if subset < 1 else None) for m in study["methods"]}
     check_inputs(all_configs, options, teacher, attributions)
@@ -358,7 +182,7 @@ def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: floa
         try:
             _execute(study, out, dataset, options)
         except KeyboardInterrupt:
-            say(options, "[yellow]study interrupted: run the same command again to continue it (finished runs are kept, the current one resumes)[/yellow]")
+            options.say("[yellow]study interrupted: run the same command again to continue it (finished runs are kept, the current one resumes)[/yellow]")
             raise
     return load_study(out)
 
@@ -399,48 +223,6 @@ def run_sweep(dataset, out, *, students="all", methods="student,kd_ig", seeds: i
 
 
 # -- reading ----------------------------------------------------------------------------------------
-
-
-def _tune_runs(out: Path) -> list[dict]:
-    runs = []
-    folder = out / RUNS_DIR
-    trials = sorted(folder.glob("trial-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1) if folder.is_dir() else []
-    for run_dir in trials:
-        config = read_json_object(run_dir / "config.json") or {}
-        runs.append({"run_id": run_dir.name, "method": config.get("method"), "student": config.get("student"), "seed": config.get("seed")})
-    return runs
-
-
-def load_study(path: str | Path) -> dict:
-    """study.json plus, under ``runs``, each planned run with its status and files.
-
-    Each run: the plan entry (run_id, method, student, run, seed, subset_seed,
-    params, cf) + ``dir``, ``status`` (finished | interrupted | pending),
-    ``summary`` (summary.json or None), ``agreement``, ``robustness``. A tune
-    study lists its trial folders instead and adds ``tune_result`` (tune.json).
-    """
-    out = Path(path)
-    study = read_study_file(out / STUDY_FILE)
-    study["path"] = str(out)
-    entries = _tune_runs(out) if study["kind"] == "tune" else study.get("plan", [])
-    runs = []
-    for entry in entries:
-        run_dir = out / RUNS_DIR / entry["run_id"]
-        summary = read_json_object(run_dir / "summary.json")
-        started = (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.next.pt").exists()  # the latter: a cohort's save cut short
-        status = "finished" if summary is not None else "interrupted" if started else "pending"
-        runs.append({
-            **entry,
-            "dir": str(run_dir),
-            "status": status,
-            "summary": summary,
-            "agreement": read_json_object(run_dir / AGREEMENT_FILE),
-            "robustness": read_json_object(run_dir / ROBUSTNESS_FILE),
-        })
-    study["runs"] = runs
-    if study["kind"] == "tune":
-        study["tune_result"] = read_json_object(out / "tune.json")
-    return study
 
 
 def study_rows(study: dict, student: str | None = None) -> tuple[list[tuple[str, str, float]], dict]:
