@@ -73,6 +73,7 @@ class StudyOptions:
     time_left: Callable[[], float] | None = None  # seconds left; cohorts are sized to finish inside it
 
     def config(self, method: str, student: str, seed: int, subset: float = 1.0, subset_seed: int | None = None, **overrides):
+        """The training config of one run of the study (``overrides``: a tune trial's values)."""
         values = dict(self.config_values or {})
         clash = [key for key in STUDY_KEYS if key in values]
         if clash:
@@ -82,17 +83,8 @@ class StudyOptions:
         return resolve_config(
             yaml_values=values,
             check_unused=False,  # one config file serves every method of the study: check_inputs checks it once
-            method=method,
-            recipe=recipe,
-            student=student,
-            seed=seed,
-            subset=subset,
-            subset_seed=subset_seed,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            val_fraction=self.val_fraction,
-            device=self.device,
+            method=method, recipe=recipe, student=student, seed=seed, subset=subset, subset_seed=subset_seed,
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, val_fraction=self.val_fraction, device=self.device,
             **overrides,
         )
 
