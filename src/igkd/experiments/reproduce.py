@@ -20,6 +20,7 @@ that the next job, on another machine, continues. The IG maps are rebuilt there,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -80,6 +81,9 @@ class Settings:
             return cls.cpu_quick(dataset) if quick else cls.cpu(dataset)
         return cls.quick(dataset) if quick else cls.full(dataset)
 
+    # The two profiles (cpu, full) list every setting, one a line, so that each reads as a table of what it trains:
+    # their repeated shape is that table's. A quick variant says only what it changes (dataclasses.replace).
+
     @classmethod
     def cpu(cls, dataset: str) -> "Settings":
         """Two CPU cores, under 2 hours (measured speeds and the arithmetic: docs/results/cpu/README.md)."""
@@ -109,18 +113,15 @@ class Settings:
     @classmethod
     def cpu_quick(cls, dataset: str) -> "Settings":
         """The cpu profile's path (teacher on all, students on a per-class subset, five methods, bf16 probe), tiny."""
-        settings = cls.cpu(dataset)
-        settings.teacher = {"epochs": 2, "batch_size": 64, "lr": 0.05, "width": 0.25, "val_fraction": 0.0, "bn_recalibration_images": 200}
-        settings.ig_steps = 2
-        settings.student = "k17"
-        settings.student_overrides = {"epochs": 1, "batch_size": 64, "width": 0.25, "val_fraction": 0.0, "bn_recalibration_images": 200}
-        settings.per_class, settings.students_per_class = (24, 8), 12
-        settings.ablation_seeds = 2
-        settings.latency_batch_sizes, settings.latency_repeats = (1,), 20
-        return settings
+        return dataclasses.replace(
+            cls.cpu(dataset), teacher={"epochs": 2, "batch_size": 64, "lr": 0.05, "width": 0.25, "val_fraction": 0.0, "bn_recalibration_images": 200},
+            ig_steps=2, student="k17", student_overrides={"epochs": 1, "batch_size": 64, "width": 0.25, "val_fraction": 0.0, "bn_recalibration_images": 200},
+            per_class=(24, 8), students_per_class=12, ablation_seeds=2, latency_batch_sizes=(1,), latency_repeats=20,
+        )
 
     @classmethod
     def full(cls, dataset: str) -> "Settings":
+        """The paper's scale, for a GPU."""
         return cls(
             dataset=dataset,
             # Ours, not the paper's: SGD + Nesterov, warm-up + cosine, label smoothing, batch 256, bf16 on GPU.
@@ -141,21 +142,11 @@ class Settings:
 
     @classmethod
     def quick(cls, dataset: str) -> "Settings":
-        return cls(
-            dataset=dataset,
-            teacher={"epochs": 2, "batch_size": 64, "lr": 0.05, "width": 0.25},
-            ig_steps=2,
-            student="k17",
-            student_overrides={"epochs": 1, "batch_size": 128, "width": 0.25},
-            ablation_seeds=1,
-            mc_methods="student,kd_ig",
-            mc_runs=2,
-            mc_subset=0.8,
-            sweep_students="k17",
-            sweep_methods="student,kd_ig",
-            sweep_seeds=1,
-            latency_batch_sizes=(1,),
-            latency_repeats=20,
+        """The paper profile's path (every stage, two methods where the paper has eight), tiny."""
+        return dataclasses.replace(
+            cls.full(dataset), teacher={"epochs": 2, "batch_size": 64, "lr": 0.05, "width": 0.25}, ig_steps=2,
+            student="k17", student_overrides={"epochs": 1, "batch_size": 128, "width": 0.25}, ablation_seeds=1,
+            mc_methods="student,kd_ig", mc_runs=2, sweep_students="k17", sweep_seeds=1, latency_batch_sizes=(1,), latency_repeats=20,
             per_class=(24, 8),  # MobileNetV2 at 32x32 runs at ~100 images/s on a 2-core CPU even at width 0.25
         )
 
