@@ -1,4 +1,4 @@
-"""CLI commands of igkd.experiments (registered by igkd.cli)."""
+"""The CLI commands of igkd.experiments (stats, ablation, montecarlo, sweep-cf, tune, agreement), registered by igkd.cli."""
 
 from __future__ import annotations
 

@@ -27,6 +27,10 @@ by the next worker loop with the same parameters and continues from the
 interrupted trial's checkpoint (its folder is renamed to the new trial's).
 Trials that fail for a reason (the loss became NaN: user attribute ``error``)
 are not retried.
+
+Like the other study kinds, a tune study checks its inputs (:mod:`igkd.experiments.inputs`),
+keeps its study.json (:mod:`igkd.experiments.study_folder`) and measures the extras
+(:mod:`igkd.experiments.extras`); its plan is the sampler's.
 """
 
 from __future__ import annotations
@@ -42,11 +46,11 @@ from pathlib import Path
 
 from igkd.atomic import atomic_write_json, load_json
 from igkd.errors import IgkdError
-from igkd.experiments import studies
+from igkd.experiments import studies  # studies.run_training trains a trial on its own (tests stand in for it there)
 from igkd.experiments.extras import add_extras
 from igkd.experiments.inputs import check_inputs, input_records
 from igkd.experiments.plan import at_least_one, one_student, parse_methods
-from igkd.experiments.studies import StudyOptions
+from igkd.experiments.studies import StudyOptions, refuse_torchrun, study_options
 from igkd.experiments.study_folder import RUNS_DIR, first_difference, join_study_file, load_study, study_record
 
 TUNE_FILE = "tune.json"
@@ -487,8 +491,8 @@ def run_tune(
     """
     import optuna
 
-    studies.refuse_torchrun()
-    options = studies.study_options(options, kwargs)
+    refuse_torchrun()
+    options = study_options(options, kwargs)
     out = Path(out)
     methods = parse_methods(method)
     if len(methods) != 1:
