@@ -392,7 +392,7 @@ def _append_invocation(out: str, worker: int, rounds: int) -> None:
 
 
 def test_concurrent_tune_workers_keep_every_invocation(tmp_path):
-    from igkd.experiments import studies
+    from igkd.experiments import study_folder as studies
 
     out = tmp_path / "tune"
     template = {
@@ -638,7 +638,7 @@ def test_export_takes_a_run_folder(world, tmp_path, capsys):
 
 def test_methods_all_is_what_can_run_in_one_study(capsys):
     from igkd.distill import METHODS
-    from igkd.experiments.studies import parse_methods
+    from igkd.experiments.plan import parse_methods
 
     everything = parse_methods("all")
     assert "kd_saliency" not in everything and everything == [m for m in METHODS if m != "kd_saliency"]

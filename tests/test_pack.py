@@ -376,7 +376,7 @@ def test_a_run_config_that_is_a_list_is_one_line_on_resume(tmp_path, tiny_datase
 def test_json_files_over_the_cap_are_one_line_naming_them(tmp_path):
     from igkd.atomic import MAX_JSON_BYTES, read_json_object
     from igkd.distill.run_folder import read_summary
-    from igkd.experiments.studies import read_study_file
+    from igkd.experiments.study_folder import read_study_file
 
     big = tmp_path / "summary.json"
     big.write_text('{"test_accuracy": 1, "pad": "' + "x" * MAX_JSON_BYTES + '"}')

@@ -260,7 +260,7 @@ def resolve_config(
     than its preset's, that has no effect on the resolved config (``mix_prob`` without mixing, DKD's
     weights with the KD loss ...), is refused (:func:`refuse_no_effect`). Studies, which share one
     config file among several methods, turn it off per run and check the file once
-    (:func:`igkd.experiments.studies.check_inputs`).
+    (:func:`igkd.experiments.inputs.check_inputs`).
     """
     yaml_values = dict(yaml_values or {})
     method = str(yaml_values.pop("method", method) if overrides.get("method") is None else overrides.pop("method")).lower()

@@ -1,1 +1,1 @@
-"""igkd.experiments"""
+"""Experiments: studies of many runs (ablation, Monte Carlo, compression sweep, tuning), their statistics, the paper's reproduction."""

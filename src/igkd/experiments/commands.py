@@ -1,7 +1,8 @@
-"""CLI commands of igkd.experiments (registered by igkd.cli)."""
+"""The CLI commands of igkd.experiments (stats, ablation, montecarlo, sweep-cf, tune, agreement), registered by igkd.cli."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Optional
@@ -134,18 +135,62 @@ COHORT_HELP = (
 )
 
 
-def _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size=None):
+#: The options every study command takes after its own: (parameter, type, typer.Option's default and flags, help).
+#: :func:`_study_command` adds them and gathers them into one StudyOptions; a command may word a help its own way.
+STUDY_OPTIONS = (
+    ("teacher", Optional[Path], (None,), "Teacher model file or run folder."),
+    ("attributions", Optional[Path], (None,), "IG cache folder (needed by ig methods)."),
+    ("data_dir", Optional[Path], (None,), "Dataset folder or archive."),
+    ("recipe", Optional[str], (None,), "paper (default) or improved."),
+    ("config", Optional[Path], (None,), "YAML file of training config keys."),
+    ("epochs", Optional[int], (None,), None),
+    ("batch_size", Optional[int], (None,), None),
+    ("lr", Optional[float], (None,), None),
+    ("val_fraction", Optional[float], (None,), None),
+    ("device", str, ("auto",), None),
+    ("agreement", Optional[int], (None,), "Also measure IG agreement with the teacher on N test images."),
+    ("robustness", Optional[str], (None,), "Also evaluate each run under corruptions."),
+    ("cohort_size", Optional[int], (None, "--cohort-size"), COHORT_HELP),
+    ("as_json", bool, (False, "--json"), "Print the study as JSON only."),
+)
+
+
+def _study_command(app: typer.Typer, name: str, **helps: str):
+    """Register the decorated function as ``igkd NAME`` with its own options followed by :data:`STUDY_OPTIONS`
+    (``helps``: this command's wording of some of their helps). It is called with its own options and, by keyword,
+    ``options`` (the StudyOptions they make, checked before the data is loaded), ``data_dir`` and ``as_json``."""
+    unknown = set(helps) - {key for key, *_ in STUDY_OPTIONS}
+    if unknown:
+        raise TypeError(f"no study option {', '.join(sorted(unknown))}")
+
+    def register(command):
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.KEYWORD_ONLY]
+        shared = [
+            inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=typer.Option(*option, help=helps.get(key, text)))
+            for key, kind, option, text in STUDY_OPTIONS
+        ]
+
+        def run(**values) -> None:
+            given = {key: values.pop(key) for key, *_ in STUDY_OPTIONS}
+            data_dir, as_json = given.pop("data_dir"), given.pop("as_json")
+            command(**values, options=_study_options(**given, progress=not as_json), data_dir=data_dir, as_json=as_json)
+
+        run.__signature__ = inspect.Signature(own + shared)
+        run.__doc__ = command.__doc__
+        app.command(name)(run)
+        return command
+
+    return register
+
+
+def _study_options(*, config, cohort_size, device, **values):
     from igkd.devices import parse_device
     from igkd.distill.config import load_yaml
     from igkd.distill.executor import check_cohort_size
     from igkd.experiments.studies import StudyOptions
 
     parse_device(device)  # before the dataset is loaded
-    return StudyOptions(
-        teacher=teacher, attributions=attributions, recipe=recipe, config_values=load_yaml(config) if config else None,
-        epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, device=device,
-        agreement=agreement, robustness=robustness, progress=not as_json, cohort_size=check_cohort_size(cohort_size),
-    )
+    return StudyOptions(config_values=load_yaml(config) if config else None, device=device, cohort_size=check_cohort_size(cohort_size), **values)
 
 
 def _print_study(study: dict, as_json: bool) -> None:
@@ -187,37 +232,31 @@ def _print_tune(study: dict, as_json: bool) -> None:
 
 
 def _register_studies(app: typer.Typer) -> None:
-    @app.command("ablation")
+    @_study_command(
+        app, "ablation",
+        teacher="Teacher model file or run folder (needed by kd/ig/at methods).",
+        attributions="IG cache folder from 'igkd attributions compute' (needed by ig methods).",
+        config="YAML file of training config keys (not method/seed/student/subset).",
+        val_fraction="Part of train held out for validation (default 0.1).",
+        agreement="Also measure IG agreement with the teacher on N test images (agreement.json per run).",
+        robustness="Also evaluate each run under corruptions, e.g. all (robustness.json per run).",
+    )
     def ablation_command(
         dataset: str = typer.Option(..., help=DATASET_HELP),
         out: Path = typer.Option(..., help="Study folder (created; re-run the same command to continue it)."),
         methods: str = typer.Option("paper", help="paper (its 8 methods: student,kd,ig,kd_ig,at,kd_at,ig_at,kd_ig_at), all (every method but kd_saliency, which needs a saliency cache: run it by name in a study of its own), or a comma-separated list (igkd methods)."),
         seeds: int = typer.Option(5, help="Seeds 0..N-1 for every method (run r of each method shares seed r: paired)."),
         student: str = typer.Option("k5", help="Student k3 ... k17."),
-        teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder (needed by kd/ig/at methods)."),
-        attributions: Optional[Path] = typer.Option(None, help="IG cache folder from 'igkd attributions compute' (needed by ig methods)."),
-        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
-        recipe: Optional[str] = typer.Option(None, help="paper (default) or improved."),
-        config: Optional[Path] = typer.Option(None, help="YAML file of training config keys (not method/seed/student/subset)."),
-        epochs: Optional[int] = typer.Option(None),
-        batch_size: Optional[int] = typer.Option(None),
-        lr: Optional[float] = typer.Option(None),
-        val_fraction: Optional[float] = typer.Option(None, help="Part of train held out for validation (default 0.1)."),
-        device: str = typer.Option("auto"),
-        agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images (agreement.json per run)."),
-        robustness: Optional[str] = typer.Option(None, help="Also evaluate each run under corruptions, e.g. all (robustness.json per run)."),
-        cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help=COHORT_HELP),
-        as_json: bool = typer.Option(False, "--json", help="Print the study as JSON only."),
+        *, options, data_dir, as_json,
     ) -> None:
         """Train every method with seeds 0..N-1 on the full training split (paired by seed)."""
         from igkd.data import load_dataset
         from igkd.experiments.studies import run_ablation
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
         study = run_ablation(load_dataset(dataset, data_dir, progress=not as_json), out, methods=methods, seeds=seeds, student=student, options=options)
         _print_study(study, as_json)
 
-    @app.command("montecarlo")
+    @_study_command(app, "montecarlo")
     def montecarlo_command(
         dataset: str = typer.Option(..., help=DATASET_HELP),
         out: Path = typer.Option(..., help="Study folder (created; re-run the same command to continue it)."),
@@ -226,63 +265,42 @@ def _register_studies(app: typer.Typer) -> None:
         subset: float = typer.Option(0.8, help="Stratified fraction of the training split (minus validation) per run."),
         independent: bool = typer.Option(False, "--independent", help="Draw seed and subset per method and run (the published, unpaired design; Welch)."),
         student: str = typer.Option("k5", help="Student k3 ... k17."),
-        teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder."),
-        attributions: Optional[Path] = typer.Option(None, help="IG cache folder (needed by ig methods)."),
-        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
-        recipe: Optional[str] = typer.Option(None, help="paper (default) or improved."),
-        config: Optional[Path] = typer.Option(None, help="YAML file of training config keys."),
-        epochs: Optional[int] = typer.Option(None),
-        batch_size: Optional[int] = typer.Option(None),
-        lr: Optional[float] = typer.Option(None),
-        val_fraction: Optional[float] = typer.Option(None),
-        device: str = typer.Option("auto"),
-        agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images."),
-        robustness: Optional[str] = typer.Option(None, help="Also evaluate each run under corruptions."),
-        cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help=COHORT_HELP),
-        as_json: bool = typer.Option(False, "--json", help="Print the study as JSON only."),
+        *, options, data_dir, as_json,
     ) -> None:
         """Monte Carlo: every method on N random stratified subsets, run r of each method on the same subset."""
         from igkd.data import load_dataset
         from igkd.experiments.studies import run_montecarlo
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
         study = run_montecarlo(
             load_dataset(dataset, data_dir, progress=not as_json), out, methods=methods, runs=runs, subset=subset, independent=independent,
             student=student, options=options,
         )
         _print_study(study, as_json)
 
-    @app.command("sweep-cf")
+    @_study_command(app, "sweep-cf", teacher="Teacher model file (also the reference of the compression factor).")
     def sweep_command(
         dataset: str = typer.Option(..., help=DATASET_HELP),
         out: Path = typer.Option(..., help="Study folder (created; re-run the same command to continue it)."),
         students: str = typer.Option("all", help="all, or a comma-separated list such as k3,k5,k9,k17."),
         methods: str = typer.Option("student,kd_ig", help="Comma-separated methods, or all (every method but kd_saliency, which needs a saliency cache: run it by name in a study of its own)."),
         seeds: int = typer.Option(1, help="Seeds 0..N-1 per student and method."),
-        teacher: Optional[Path] = typer.Option(None, help="Teacher model file (also the reference of the compression factor)."),
-        attributions: Optional[Path] = typer.Option(None, help="IG cache folder (needed by ig methods)."),
-        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
-        recipe: Optional[str] = typer.Option(None, help="paper (default) or improved."),
-        config: Optional[Path] = typer.Option(None, help="YAML file of training config keys."),
-        epochs: Optional[int] = typer.Option(None),
-        batch_size: Optional[int] = typer.Option(None),
-        lr: Optional[float] = typer.Option(None),
-        val_fraction: Optional[float] = typer.Option(None),
-        device: str = typer.Option("auto"),
-        agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images."),
-        robustness: Optional[str] = typer.Option(None, help="Also evaluate each run under corruptions."),
-        cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help=COHORT_HELP),
-        as_json: bool = typer.Option(False, "--json", help="Print the study as JSON only."),
+        *, options, data_dir, as_json,
     ) -> None:
         """Accuracy against compression factor: every student x method x seed (params and CF recorded)."""
         from igkd.data import load_dataset
         from igkd.experiments.studies import run_sweep
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
         study = run_sweep(load_dataset(dataset, data_dir, progress=not as_json), out, students=students, methods=methods, seeds=seeds, options=options)
         _print_study(study, as_json)
 
-    @app.command("tune")
+    @_study_command(
+        app, "tune",
+        attributions="IG cache folder (needed when p > 0).",
+        val_fraction="Validation part of train: the objective (default 0.1).",
+        robustness="Also evaluate each trial under corruptions.",
+        cohort_size=COHORT_HELP + " (grid sampler only)",
+        as_json="Print tune.json only.",
+    )
     def tune_command(
         dataset: str = typer.Option(..., help=DATASET_HELP),
         out: Path = typer.Option(..., help="Study folder: study.json, tune.json, runs/trial-<n>/ (and optuna.db by default)."),
@@ -296,26 +314,12 @@ def _register_studies(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Training seed of every trial."),
         sampler_seed: Optional[int] = typer.Option(None, help="Sampler seed (default: --seed); give each TPE worker its own."),
         student: str = typer.Option("k5", help="Student k3 ... k17."),
-        teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder."),
-        attributions: Optional[Path] = typer.Option(None, help="IG cache folder (needed when p > 0)."),
-        data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
-        recipe: Optional[str] = typer.Option(None, help="paper (default) or improved."),
-        config: Optional[Path] = typer.Option(None, help="YAML file of training config keys."),
-        epochs: Optional[int] = typer.Option(None),
-        batch_size: Optional[int] = typer.Option(None),
-        lr: Optional[float] = typer.Option(None),
-        val_fraction: Optional[float] = typer.Option(None, help="Validation part of train: the objective (default 0.1)."),
-        device: str = typer.Option("auto"),
-        agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images."),
-        robustness: Optional[str] = typer.Option(None, help="Also evaluate each trial under corruptions."),
-        cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help=COHORT_HELP + " (grid sampler only)"),
-        as_json: bool = typer.Option(False, "--json", help="Print tune.json only."),
+        *, options, data_dir, as_json,
     ) -> None:
         """Tune T, alpha, p, gamma on validation accuracy with Optuna; run it in several shells/machines to add workers."""
         from igkd.data import load_dataset
         from igkd.experiments.tune import run_tune
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
         study = run_tune(
             load_dataset(dataset, data_dir, progress=not as_json), out, method=method, params=params, sampler=sampler, trials=trials,
             grid_file=grid_file, storage=storage, study_name=study_name, seed=seed, sampler_seed=sampler_seed, student=student, options=options,

@@ -1,11 +1,15 @@
-"""Studies: many training runs planned together, written to one folder, resumable, balanced.
+"""Studies of many runs (ablation, montecarlo, sweep-cf): a plan of runs, handed to the executor, kept as records.
 
-A study is a plan of runs (method x seed, or x student) and a folder::
+A study is *a plan of runs -> the executor -> records*, each part in its own module:
 
-    STUDY/study.json            what the study is (schema in docs/experiments.md)
-    STUDY/results.csv           one line per finished run (method, run, accuracy, ..., the cohort size it trained in)
-    STUDY/runs/<run_id>/        one run folder of igkd.distill.run_training
-                                (+ agreement.json, robustness.json when asked for)
+- the plan (:mod:`igkd.experiments.plan`): method x seed (x student) runs in seed-major order, paired or not,
+  each with the training config :meth:`StudyOptions.config` gives it; what the runs share (data, teacher,
+  IG maps) is recorded and checked first (:mod:`igkd.experiments.inputs`);
+- the executor (:mod:`igkd.distill.executor`): trains every unfinished run, in cohorts where they fit;
+- the records (:mod:`igkd.experiments.study_folder`): study.json, results.csv and the run folders, plus the
+  extras measured on each finished run (:mod:`igkd.experiments.extras`).
+
+``igkd tune`` (:mod:`igkd.experiments.tune`) shares all three; its plan is Optuna's sampler.
 
 Kinds (each a function here and an ``igkd`` command):
 
@@ -29,38 +33,22 @@ refused, because its runs would no longer be comparable.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from igkd.atomic import atomic_write_json, atomic_write_text, load_json, read_json_object, remove_stale_temporaries
-from igkd.distill import METHODS, PAPER_METHODS, executor, resolve_config, run_training  # noqa: F401 - tune trains its trials one by one with run_training
+from igkd.atomic import atomic_write_json, remove_stale_temporaries
+from igkd.distill import executor, resolve_config, run_training  # noqa: F401 - tune trains its trials one by one with run_training
 from igkd.distill.executor import Run
 from igkd.errors import IgkdError
-from igkd.experiments.agreement import AGREEMENT_FILE, measure_agreement
-from igkd.locking import folder_lock
-
-STUDY_FILE = "study.json"
-RESULTS_FILE = "results.csv"
-RUNS_DIR = "runs"
-ROBUSTNESS_FILE = "robustness.json"
-FORMAT = "igkd-study"
-FORMAT_VERSION = 1
-KINDS = ("ablation", "montecarlo", "sweep-cf", "tune")
+from igkd.experiments.extras import add_extras
+from igkd.experiments.inputs import check_inputs, input_records
+from igkd.experiments.plan import at_least_one, build_plan, one_student, pairing, parse_methods, parse_students, reference_params, student_params
+from igkd.experiments.study_folder import RESULTS_FILE, RUNS_DIR, STUDY_FILE, load_study, open_study, study_lock, study_record, write_results
 
 #: Config keys a study sets per run; a --config file must not set them.
 STUDY_KEYS = ("method", "student", "seed", "subset", "subset_seed", "device")
-#: Config keys that do not change what a run computes (left out of the identity).
-NOT_IDENTITY = ("seed", "subset_seed", "student", "device", "compile")
-#: Seeds of independent Monte Carlo runs: run r of the i-th method (in METHODS order) uses r + i * STRIDE.
-INDEPENDENT_STRIDE = 1000
-#: What a tune study must keep to be continued (its trial count may change).
-TUNE_IDENTITY = ("study_name", "storage", "sampler", "params", "space")
 
 
 @dataclass
@@ -85,6 +73,7 @@ class StudyOptions:
     time_left: Callable[[], float] | None = None  # seconds left; cohorts are sized to finish inside it
 
     def config(self, method: str, student: str, seed: int, subset: float = 1.0, subset_seed: int | None = None, **overrides):
+        """The training config of one run of the study (``overrides``: a tune trial's values)."""
         values = dict(self.config_values or {})
         clash = [key for key in STUDY_KEYS if key in values]
         if clash:
@@ -94,373 +83,20 @@ class StudyOptions:
         return resolve_config(
             yaml_values=values,
             check_unused=False,  # one config file serves every method of the study: check_inputs checks it once
-            method=method,
-            recipe=recipe,
-            student=student,
-            seed=seed,
-            subset=subset,
-            subset_seed=subset_seed,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            val_fraction=self.val_fraction,
-            device=self.device,
+            method=method, recipe=recipe, student=student, seed=seed, subset=subset, subset_seed=subset_seed,
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, val_fraction=self.val_fraction, device=self.device,
             **overrides,
         )
 
+    def say(self, text: str) -> None:
+        """A progress line (rich markup), unless ``progress`` is off."""
+        if self.progress:
+            from rich.console import Console
 
-# -- small parsers shared by the commands ------------------------------------------------------
-
-
-def methods_of_one_cache() -> list[str]:
-    """``--methods all``: every method that can run in one study, i.e. all but those whose overlay needs a
-    cache other than IG maps (``kd_saliency``, a saliency cache: a study has one cache, so it runs by name
-    in a study of its own)."""
-    from igkd.distill.controls import expected_attribution_method
-
-    return [m for m, preset in METHODS.items() if expected_attribution_method(preset.get("overlay_maps", "ig")) == "ig"]
-
-
-def parse_methods(text: str | list[str]) -> list[str]:
-    """``paper`` (the paper's eight methods), ``all`` (every method that can run in one study:
-    :func:`methods_of_one_cache`) or a comma-separated list of method names (order kept, repeats dropped)."""
-    items = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
-    if items == ["paper"]:
-        return list(PAPER_METHODS)
-    if items == ["all"]:
-        return methods_of_one_cache()
-    unknown = [m for m in items if m not in METHODS]
-    if unknown or not items:
-        problem = f"unknown method {unknown[0]!r}" if unknown else "no methods given"
-        raise IgkdError(f"{problem}: use paper, all or a comma-separated list of {', '.join(METHODS)}")
-    return list(dict.fromkeys(items))
-
-
-def parse_students(text: str | list[str]) -> list[str]:
-    """``all`` or a comma-separated list of students (k3 ... k17), as ``k<n>``, ordered by size (largest first)."""
-    from igkd.models import STUDENT_KS, parse_model_name
-
-    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
-    if [s.lower() for s in items] == ["all"]:
-        return [f"k{k}" for k in STUDENT_KS]
-    ks = []
-    for item in items:
-        k = parse_model_name(item)
-        if k == 0:
-            raise IgkdError("the teacher is not a student: list students k3 ... k17")
-        ks.append(k)
-    if not ks:
-        raise IgkdError("no students given: use all or a comma-separated list such as k3,k5,k17")
-    return [f"k{k}" for k in sorted(set(ks))]
-
-
-def at_least_one(value: int, what: str) -> int:
-    if value < 1:
-        raise IgkdError(f"{what} must be at least 1, got {value}")
-    return value
-
-
-# -- what a study is ------------------------------------------------------------------------------
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def config_identity(config) -> dict:
-    values = json.loads(json.dumps(config.to_dict()))
-    return {k: v for k, v in values.items() if k not in NOT_IDENTITY}
-
-
-def teacher_record(path: str | Path | None, dataset) -> dict | None:
-    """path, sha256, params and model name of the teacher file (checked against the dataset's classes)."""
-    if path is None:
-        return None
-    from igkd.distill.run import resolve_checkpoint
-    from igkd.models import count_parameters, load_model
-    from igkd.provenance import sha256_file
-
-    path = resolve_checkpoint(path)
-    model, meta = load_model(path)
-    if model.num_classes != dataset.num_classes:
-        raise IgkdError(f"teacher {path} predicts {model.num_classes} classes but dataset {dataset.name} has {dataset.num_classes}")
-    return {"path": str(path.resolve()), "sha256": sha256_file(path), "params": count_parameters(model), "model": meta["spec"]["name"]}
-
-
-def attributions_record(path: str | Path | None, teacher: dict | None, dataset) -> dict | None:
-    """path and manifest sha256 of the IG cache, refused unless built for this teacher and data."""
-    if path is None:
-        return None
-    if teacher is None:
-        raise IgkdError("IG maps are checked against their teacher: pass --teacher CKPT with --attributions")
-    from igkd.attribution import open_attributions
-
-    cache = open_attributions(path, teacher_sha256=teacher["sha256"], dataset_fingerprint=dataset.fingerprint, split="train")
-    from igkd.attribution.cache import content_identity
-
-    return {
-        "path": str(Path(path).resolve()), "manifest_sha256": cache.manifest_sha256, "identity_sha256": content_identity(cache.manifest),
-        "n_steps": cache.manifest.get("n_steps"), "reduction": cache.manifest.get("reduction"),
-    }
-
-
-def input_records(options: StudyOptions, dataset, configs: dict) -> tuple[dict | None, dict | None]:
-    """The teacher and IG-cache records of a study (the cache is required when a config overlays maps)."""
-    teacher = teacher_record(options.teacher, dataset)
-    needs_maps = any(c.p > 0 for c in configs.values())
-    attributions = attributions_record(options.attributions, teacher, dataset) if options.attributions is not None or needs_maps else None
-    if needs_maps and attributions is not None:
-        from igkd.distill.run import check_overlay_reduction
-
-        check_overlay_reduction(attributions["reduction"], attributions["path"])  # before the first run, not at the first IG run
-    return teacher, attributions
-
-
-def extras_record(options: StudyOptions) -> dict:
-    return {
-        "agreement": {"n": options.agreement, "n_steps": options.agreement_steps} if options.agreement else None,
-        "robustness": options.robustness,
-    }
-
-
-def first_difference(saved: dict, current: dict) -> str | None:
-    """The first key (sorted) whose value differs between the two dicts, or None."""
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    return changed[0] if changed else None
-
-
-def dataset_record(dataset) -> dict:
-    return {"name": dataset.name, "fingerprint": dataset.fingerprint, "train": len(dataset.train), "test": len(dataset.test), "classes": list(dataset.classes)}
-
-
-def _student_params(student: str, dataset, width: float) -> int:
-    from igkd.models import build_model, count_parameters
-
-    return count_parameters(build_model(student, num_classes=dataset.num_classes, width=width))
-
-
-def _reference_params(teacher: dict | None, dataset) -> tuple[int, str]:
-    """Parameters the compression factor divides: the teacher file's, else the family teacher's."""
-    if teacher is not None:
-        return teacher["params"], "the teacher file"
-    return _student_params("teacher", dataset, 1.0), "the family's MobileNetV2 teacher (no --teacher given)"
-
-
-def check_inputs(configs: dict, options: StudyOptions, teacher: dict | None, attributions: dict | None) -> None:
-    """Fail before any training when a planned run could not start, or the config file sets a key that acts
-    on none of the planned runs (:func:`igkd.distill.config.refuse_no_effect`)."""
-    from igkd.distill.config import refuse_no_effect
-
-    file_keys = [k for k in options.config_values or {} if k != "recipe"]
-    refuse_no_effect(list(configs.values()), {k: "the --config file" for k in file_keys})
-    for method, config in configs.items():
-        if (config.uses_teacher or config.p > 0) and teacher is None:
-            raise IgkdError(f"method {method!r} needs a teacher: pass --teacher CKPT")
-        if config.p > 0 and attributions is None:
-            raise IgkdError(f"method {method!r} overlays IG maps (p={config.p}): pass --attributions DIR (built by 'igkd attributions compute')")
-    if options.agreement is not None:
-        if options.agreement < 1:
-            raise IgkdError(f"--agreement takes a number of test images (e.g. 500), got {options.agreement}")
-        if teacher is None:
-            raise IgkdError("--agreement compares each student's IG maps with the teacher's: pass --teacher CKPT")
-    if options.robustness is not None:
-        from igkd.evaluate.corruptions import parse_corruption_spec
-
-        parse_corruption_spec(options.robustness)
-
-
-def _plan_entry(run_id: str, method: str, student: str, run: int, seed: int, subset_seed: int, params: int, reference: int) -> dict:
-    return {
-        "run_id": run_id,
-        "method": method,
-        "student": student,
-        "run": run,
-        "seed": seed,
-        "subset_seed": subset_seed,
-        "params": params,
-        "cf": round(reference / params, 2),
-    }
-
-
-def _independent_seed(method: str, run: int) -> int:
-    return run + INDEPENDENT_STRIDE * list(METHODS).index(method)
-
-
-def build_plan(kind: str, methods: list[str], students: list[str], runs: list[int], subset: float, independent: bool, params: dict, reference: int) -> list[dict]:
-    """Every run of the study, seed-major: run r of every student and method before run r + 1."""
-    plan = []
-    for r in runs:
-        for student in students:
-            for method in methods:
-                if kind == "montecarlo":
-                    seed = _independent_seed(method, r) if independent else r
-                    run_id = f"{method}-r{r}"
-                elif kind == "sweep-cf":
-                    seed, run_id = r, f"{student}-{method}-s{r}"
-                else:
-                    seed, run_id = r, f"{method}-s{r}"
-                plan.append(_plan_entry(run_id, method, student, r, seed, seed, params[student], reference))
-    return plan
-
-
-def _pairing(kind: str, subset: float, independent: bool) -> tuple[bool, str]:
-    if independent:
-        return False, "each method's run r has its own seed and subset (r + 1000 x method index): unpaired, Welch's t-test"
-    if kind == "montecarlo":
-        return True, f"run r of every method uses seed r and the same stratified {subset:g} subset (subset_seed r)"
-    if kind == "sweep-cf":
-        return True, "for each student, seed r is shared by every method (full training split)"
-    return True, "run r of every method uses seed r on the full training split (minus validation)"
-
-
-def _describe(study: dict, attributions_key: str = "identity_sha256") -> dict:
-    """The parts of a study that must not change when it is continued."""
-    return {
-        "kind": study["kind"],
-        "dataset": study["dataset"]["fingerprint"],
-        "teacher": (study.get("teacher") or {}).get("sha256"),
-        # what the maps are, not the manifest's bytes: a cache rebuilt on the next machine continues the study
-        "attributions": (study.get("attributions") or {}).get(attributions_key),
-        "subset": study["subset"],
-        "independent": study.get("independent", False),
-        **({} if study["kind"] == "sweep-cf" else {"students": study["students"]}),
-        **({"runs": study["runs"], "tune": {k: study["tune"][k] for k in TUNE_IDENTITY}} if study["kind"] == "tune" else {}),
-    }
-
-
-def _merge(saved: dict, new: dict, path: Path) -> dict:
-    """``saved`` grown by ``new``'s methods, runs and (sweep) students; IgkdError on any other difference."""
-    if saved.get("format") != FORMAT or saved.get("format_version") != FORMAT_VERSION:
-        raise IgkdError(f"{path} is not an igkd study file (format {saved.get('format')!r} version {saved.get('format_version')!r})")
-    key = "identity_sha256" if "identity_sha256" in (saved.get("attributions") or {}) or not saved.get("attributions") else "manifest_sha256"  # studies of 0.1.0
-    old, now = _describe(saved, key), _describe(new, key)
-    for key in old:
-        if old[key] != now[key]:
-            raise IgkdError(
-                f"{path.parent} is a study with {key} = {old[key]!r}, but this command asks for {now[key]!r}; "
-                "use the same options to continue it, or another --out for a new study"
-            )
-    for method in set(saved["configs"]) & set(new["configs"]):
-        a, b = saved["configs"][method], new["configs"][method]
-        key = first_difference(a, b)
-        if key is not None:
-            raise IgkdError(
-                f"{path.parent}: method {method!r} was planned with {key}={a.get(key)!r} but this command gives {key}={b.get(key)!r}; "
-                "use the same training options to continue the study, or another --out"
-            )
-    merged = dict(saved)
-    merged["methods"] = saved["methods"] + [m for m in new["methods"] if m not in saved["methods"]]
-    merged["students"] = saved["students"] + [s for s in new["students"] if s not in saved["students"]]
-    merged["runs"] = sorted(set(saved["runs"]) | set(new["runs"]))
-    merged["configs"] = {**saved["configs"], **new["configs"]}
-    merged["teacher"], merged["attributions"] = new["teacher"], new["attributions"]  # same files (sha256), maybe other paths
-    merged["extras"] = new["extras"]
-    merged["invocations"] = saved.get("invocations", []) + new["invocations"]
-    merged["updated"] = new["updated"]
-    return merged
-
-
-def invocation(device, cohort_size: int | None = None) -> dict:
-    """One command's record in study.json; ``cohort_size``: the cohort size it asked for (None: the device's default,
-    recorded as that number). Each run's summary.json and results.csv line say the size it was trained with."""
-    from igkd.devices import resolve_device
-    from igkd.distill.executor import default_cohort_size
-    from igkd.provenance import environment
-
-    env = environment(device)
-    return {
-        "time": now(), "command": env["command"], "git_sha": env["git_sha"], "hostname": env["hostname"], "device": env["device_name"],
-        "cohort_size": cohort_size or default_cohort_size(resolve_device(device)),
-    }
-
-
-def open_study(out: Path, new: dict) -> dict:
-    """The study to run in ``out``: ``new``, or the saved one grown by ``new`` (never changed). Writes nothing."""
-    path = out / STUDY_FILE
-    if path.exists():
-        return _merge(read_study_file(path), new, path)
-    if out.exists() and not out.is_dir():
-        raise IgkdError(f"--out {out} is a file: give a folder for the study")
-    if out.is_dir() and any(not (p.name.startswith(f".{STUDY_FILE}.") or p.name == ".lock") for p in out.iterdir()):  # a write in flight, the locks
-        raise IgkdError(f"{out} is not empty and holds no {STUDY_FILE}: choose an empty or new folder for the study")
-    return new
-
-
-def read_study_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise IgkdError(f"no study at {path.parent} (no {STUDY_FILE}): give the folder a study command wrote")
-    try:
-        study = load_json(path)
-    except (OSError, ValueError) as err:
-        raise IgkdError(f"{path} is not readable JSON ({err})") from None
-    if not isinstance(study, dict) or study.get("format") != FORMAT or not isinstance(study.get("kind"), str):
-        raise IgkdError(f"{path} is not an igkd study file")
-    plan = study.get("plan", [])
-    if not isinstance(plan, list) or not all(isinstance(entry, dict) for entry in plan):
-        raise IgkdError(f"{path}: 'plan' is not a list of runs: it was not written by igkd (run the study command into a new --out)")
-    for entry in plan:
-        if not run_folder_name(entry.get("run_id")):
-            raise IgkdError(f"{path}: run_id {entry.get('run_id')!r} is not one folder name under {RUNS_DIR}/ (no '/' or '\\', not '.' or '..'): "
-                            "refused; it was not written by igkd (run the study command into a new --out)")
-    return study
-
-
-def run_folder_name(run_id) -> bool:
-    """A run id names one folder in STUDY/runs: a non-empty str, one plain path part (not '.' or '..', not absolute)."""
-    return (
-        isinstance(run_id, str) and run_id not in ("", ".", "..") and not any(c in "/\\:" or ord(c) < 32 for c in run_id)
-    )
+            Console().print(text, highlight=False)
 
 
 # -- running ----------------------------------------------------------------------------------------
-
-
-
-
-def add_extras(run_dir: Path, dataset, teacher: dict | None, options: StudyOptions, cache: dict | None = None) -> None:
-    """agreement.json / robustness.json for a finished run, unless present with the same settings.
-
-    ``cache``: a dict the caller keeps across the runs of a study (the teacher's IG maps are computed once).
-    """
-    if options.agreement is not None:
-        existing = read_json_object(run_dir / AGREEMENT_FILE) or {}
-        if (existing.get("n_requested"), existing.get("n_steps")) != (options.agreement, options.agreement_steps):
-            result = measure_agreement(teacher["path"], run_dir, dataset, n=options.agreement, n_steps=options.agreement_steps, device=options.device, cache=cache)
-            atomic_write_json(run_dir / AGREEMENT_FILE, result)
-    if options.robustness is not None:
-        existing = read_json_object(run_dir / ROBUSTNESS_FILE) or {}
-        if existing.get("spec") != options.robustness:
-            from igkd.devices import resolve_device
-            from igkd.models import load_model
-
-            device = resolve_device(options.device)
-            model, _ = load_model(run_dir / "model.safetensors")
-            from igkd.evaluate.robustness import evaluate_robustness
-
-            result = evaluate_robustness(model.to(device), dataset, options.robustness, device=device)
-            atomic_write_json(run_dir / ROBUSTNESS_FILE, result)
-
-
-def _results_csv(study: dict, out: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "run", "accuracy", "student", "seed", "subset_seed", "params", "cf", "val_accuracy", "run_id", "cohort_size"])
-    for entry in study["plan"]:
-        summary = read_json_object(out / RUNS_DIR / entry["run_id"] / "summary.json")
-        if summary is not None:
-            writer.writerow([
-                entry["method"], entry["run"], summary["test_accuracy"], entry["student"], entry["seed"], entry["subset_seed"],
-                entry["params"], entry["cf"], summary.get("val_accuracy"), entry["run_id"], summary.get("cohort_size", 1),
-            ])
-    atomic_write_text(out / RESULTS_FILE, buffer.getvalue())
-
-
-def say(options: StudyOptions, text: str) -> None:
-    if options.progress:
-        from rich.console import Console
-
-        Console().print(text, highlight=False)
 
 
 def _finished(run_dir: Path) -> bool:
@@ -474,7 +110,7 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
     """Train every unfinished run of the plan (in cohorts, see :mod:`igkd.distill.executor`); finished runs are
     skipped, interrupted ones resume. Extras (agreement, robustness) follow each finished run."""
     teacher, attributions, cache = study.get("teacher"), study.get("attributions"), {}
-    _results_csv(study, out)  # runs finished earlier (a grown plan reorders them)
+    write_results(study, out)  # runs finished earlier (a grown plan reorders them)
     runs = []
     for entry in study["plan"]:
         config = options.config(entry["method"], entry["student"], entry["seed"], study["subset"], entry["subset_seed"] if study["subset"] < 1 else None)
@@ -482,10 +118,10 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
         runs.append(Run(config, out / RUNS_DIR / entry["run_id"], label))
     earlier = [r for r in runs if _finished(r.out)]
     if earlier:
-        say(options, f"[dim]study {study['kind']}: {len(earlier)} of {len(runs)} runs finished earlier: skipped[/dim]")
+        options.say(f"[dim]study {study['kind']}: {len(earlier)} of {len(runs)} runs finished earlier: skipped[/dim]")
 
     def finished(cohort: list[Run], _summaries) -> None:
-        _results_csv(study, out)
+        write_results(study, out)
         for run in cohort:
             add_extras(run.out, dataset, teacher, options, cache)
 
@@ -497,7 +133,7 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
         attributions_dir=attributions["path"] if attributions else None,
         cohort_size=options.cohort_size, progress=options.progress, on_epoch_end=options.on_epoch_end,
         on_finished=finished, time_left=options.time_left,
-        say=lambda text: say(options, f"[bold]study {study['kind']}:[/bold] {text}"),
+        say=lambda text: options.say(f"[bold]study {study['kind']}:[/bold] {text}"),
     )
 
 
@@ -509,17 +145,6 @@ def refuse_torchrun() -> None:
         )
 
 
-def study_lock(out: Path):
-    """Hold ``out/.lock`` while training, so two processes never run the same study folder at once
-    (:func:`igkd.locking.folder_lock`; released when the process dies)."""
-    return folder_lock(out, what=f"study {out}")
-
-
-def study_file_lock(out: Path):
-    """Held briefly while study.json is read, merged and written, so concurrent tune workers keep every invocation."""
-    return folder_lock(out, name=".study.json.lock", wait=True, what=f"study {out}")
-
-
 def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: float = 1.0, independent: bool = False, options: StudyOptions) -> dict:
     refuse_torchrun()
     out = Path(out)
@@ -529,33 +154,17 @@ def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: floa
         raise IgkdError("--out must not be the teacher's folder")
     configs = {m: options.config(m, students[0], 0, subset, 0 if subset < 1 else None) for m in methods}
     teacher, attributions = input_records(options, dataset, configs)
-    paired, pairing = _pairing(kind, subset, independent)
-    new = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "paired": paired,
-        "pairing": pairing,
-        "methods": methods,
-        "students": students,
-        "runs": runs,
-        "subset": subset,
-        "independent": independent,
-        "configs": {m: config_identity(c) for m, c in configs.items()},
-        "dataset": dataset_record(dataset),
-        "teacher": teacher,
-        "attributions": attributions,
-        "extras": extras_record(options),
-        "created": now(),
-        "updated": now(),
-        "invocations": [invocation(configs[methods[0]].device, options.cohort_size)],
-    }
+    paired, pairing_text = pairing(kind, subset, independent)
+    new = study_record(
+        kind, paired=paired, pairing=pairing_text, methods=methods, students=students, runs=runs, subset=subset, independent=independent,
+        configs=configs, dataset=dataset, teacher=teacher, attributions=attributions, options=options, cohort_size=options.cohort_size,
+    )
     study = open_study(out, new)
     all_configs = {m: configs.get(m) or options.config(m, students[0], 0, subset, 0 if subset < 1 else None) for m in study["methods"]}
     check_inputs(all_configs, options, teacher, attributions)
-    reference, reference_source = _reference_params(teacher, dataset)
+    reference, reference_source = reference_params(teacher, dataset)
     width = all_configs[study["methods"][0]].width
-    params = {s: _student_params(s, dataset, width) for s in study["students"]}
+    params = {s: student_params(s, dataset, width) for s in study["students"]}
     study["cf_reference"] = {"params": reference, "source": reference_source}
     study["plan"] = build_plan(kind, study["methods"], study["students"], study["runs"], subset, independent, params, reference)
     out.mkdir(parents=True, exist_ok=True)
@@ -565,7 +174,7 @@ def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: floa
         try:
             _execute(study, out, dataset, options)
         except KeyboardInterrupt:
-            say(options, "[yellow]study interrupted: run the same command again to continue it (finished runs are kept, the current one resumes)[/yellow]")
+            options.say("[yellow]study interrupted: run the same command again to continue it (finished runs are kept, the current one resumes)[/yellow]")
             raise
     return load_study(out)
 
@@ -605,56 +214,7 @@ def run_sweep(dataset, out, *, students="all", methods="student,kd_ig", seeds: i
     )
 
 
-def one_student(student: str) -> list[str]:
-    students = parse_students(student)
-    if len(students) != 1:
-        raise IgkdError(f"this study trains one student, got {', '.join(students)}: use igkd sweep-cf for several")
-    return students
-
-
 # -- reading ----------------------------------------------------------------------------------------
-
-
-def _tune_runs(out: Path) -> list[dict]:
-    runs = []
-    folder = out / RUNS_DIR
-    trials = sorted(folder.glob("trial-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1) if folder.is_dir() else []
-    for run_dir in trials:
-        config = read_json_object(run_dir / "config.json") or {}
-        runs.append({"run_id": run_dir.name, "method": config.get("method"), "student": config.get("student"), "seed": config.get("seed")})
-    return runs
-
-
-def load_study(path: str | Path) -> dict:
-    """study.json plus, under ``runs``, each planned run with its status and files.
-
-    Each run: the plan entry (run_id, method, student, run, seed, subset_seed,
-    params, cf) + ``dir``, ``status`` (finished | interrupted | pending),
-    ``summary`` (summary.json or None), ``agreement``, ``robustness``. A tune
-    study lists its trial folders instead and adds ``tune_result`` (tune.json).
-    """
-    out = Path(path)
-    study = read_study_file(out / STUDY_FILE)
-    study["path"] = str(out)
-    entries = _tune_runs(out) if study["kind"] == "tune" else study.get("plan", [])
-    runs = []
-    for entry in entries:
-        run_dir = out / RUNS_DIR / entry["run_id"]
-        summary = read_json_object(run_dir / "summary.json")
-        started = (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.next.pt").exists()  # the latter: a cohort's save cut short
-        status = "finished" if summary is not None else "interrupted" if started else "pending"
-        runs.append({
-            **entry,
-            "dir": str(run_dir),
-            "status": status,
-            "summary": summary,
-            "agreement": read_json_object(run_dir / AGREEMENT_FILE),
-            "robustness": read_json_object(run_dir / ROBUSTNESS_FILE),
-        })
-    study["runs"] = runs
-    if study["kind"] == "tune":
-        study["tune_result"] = read_json_object(out / "tune.json")
-    return study
 
 
 def study_rows(study: dict, student: str | None = None) -> tuple[list[tuple[str, str, float]], dict]:

@@ -27,6 +27,10 @@ by the next worker loop with the same parameters and continues from the
 interrupted trial's checkpoint (its folder is renamed to the new trial's).
 Trials that fail for a reason (the loss became NaN: user attribute ``error``)
 are not retried.
+
+Like the other study kinds, a tune study checks its inputs (:mod:`igkd.experiments.inputs`),
+keeps its study.json (:mod:`igkd.experiments.study_folder`) and measures the extras
+(:mod:`igkd.experiments.extras`); its plan is the sampler's.
 """
 
 from __future__ import annotations
@@ -42,8 +46,12 @@ from pathlib import Path
 
 from igkd.atomic import atomic_write_json, load_json
 from igkd.errors import IgkdError
-from igkd.experiments import studies
-from igkd.experiments.studies import RUNS_DIR, StudyOptions
+from igkd.experiments import studies  # studies.run_training trains a trial on its own (tests stand in for it there)
+from igkd.experiments.extras import add_extras
+from igkd.experiments.inputs import check_inputs, input_records
+from igkd.experiments.plan import at_least_one, one_student, parse_methods
+from igkd.experiments.studies import StudyOptions, refuse_torchrun, study_options
+from igkd.experiments.study_folder import RUNS_DIR, first_difference, join_study_file, load_study, study_record
 
 TUNE_FILE = "tune.json"
 DB_FILE = "optuna.db"
@@ -298,12 +306,12 @@ class _Worker:
         trial.set_user_attr("sampler_seed", self.sampler_seed)
         config = self.options.config(self.method, self.student, self.seed, **values)
         shown = ", ".join(f"{'T' if k == 'temperature' else k}={v:g}" for k, v in values.items())
-        studies.say(self.options, f"[bold]tune: trial {trial.number}[/bold] {shown} -> {run_dir}")
+        self.options.say(f"[bold]tune: trial {trial.number}[/bold] {shown} -> {run_dir}")
         return config, run_dir
 
     def finish(self, trial, run_dir: Path, summary: dict) -> float:
         teacher = self.record.get("teacher")
-        studies.add_extras(run_dir, self.dataset, teacher, self.options, self.cache)
+        add_extras(run_dir, self.dataset, teacher, self.options, self.cache)
         trial.set_user_attr("val_accuracy", summary["val_accuracy"])
         trial.set_user_attr("test_accuracy", summary["test_accuracy"])
         trial.set_user_attr("wall_time_s", summary["wall_time_s"])
@@ -312,7 +320,7 @@ class _Worker:
     def failed(self, trial, err: IgkdError) -> None:
         """A trial that failed because of its values (e.g. the loss became NaN): recorded, not retried."""
         trial.set_user_attr("error", str(err))
-        studies.say(self.options, f"[yellow]tune: trial {trial.number} failed: {err}[/yellow]")
+        self.options.say(f"[yellow]tune: trial {trial.number} failed: {err}[/yellow]")
 
     def objective(self, trial) -> float:
         config, run_dir = self.prepare(trial)
@@ -371,7 +379,7 @@ class _Worker:
             if len(batch) == 1:
                 self.failed(batch[0][0], err)
             else:
-                studies.say(self.options, f"[yellow]tune: a cohort stopped ({err}); its trials continue one by one[/yellow]")
+                self.options.say(f"[yellow]tune: a cohort stopped ({err}); its trials continue one by one[/yellow]")
                 for trial, run in batch:
                     try:
                         summaries.update(train([run], 1))
@@ -483,24 +491,24 @@ def run_tune(
     """
     import optuna
 
-    studies.refuse_torchrun()
-    options = studies.study_options(options, kwargs)
+    refuse_torchrun()
+    options = study_options(options, kwargs)
     out = Path(out)
-    methods = studies.parse_methods(method)
+    methods = parse_methods(method)
     if len(methods) != 1:
         raise IgkdError(f"tune one method at a time, got {', '.join(methods)}")
     method = methods[0]
-    student = studies.one_student(student)[0]
+    student = one_student(student)[0]
     names = parse_params(params)
     space = load_space(names, sampler, grid_file)
     names = list(space)
     points = grid_points(space)
     if sampler == "grid":
-        target = len(points) if trials is None else min(studies.at_least_one(trials, "--trials"), len(points))
+        target = len(points) if trials is None else min(at_least_one(trials, "--trials"), len(points))
     elif trials is None:
         raise IgkdError("the TPE sampler needs --trials N (the number of completed trials to aim at)")
     else:
-        target = studies.at_least_one(trials, "--trials")
+        target = at_least_one(trials, "--trials")
         if points:
             target = min(target, len(points))  # every listed combination can be tried only once
     base, teacher, attributions = _check_space(dataset, space, method, student, seed, options)
@@ -517,7 +525,12 @@ def run_tune(
         "student": student,
         "seed": seed,
     }
-    new = _study_record(dataset, base, teacher, attributions, options, tune_meta)
+    new = study_record(
+        "tune", paired=False, pairing="not applicable: trials differ in hyper-parameters and are compared on validation accuracy",
+        methods=[base.method], students=[base.student], runs=[base.seed], subset=1.0, independent=False, configs={base.method: base},
+        dataset=dataset, teacher=teacher, attributions=attributions, options=options, cohort_size=options.cohort_size if sampler == "grid" else 1,
+        tune=tune_meta, plan=[],
+    )
     record = join_study_file(out, new)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures and duplicates are reported by our own lines
@@ -551,29 +564,18 @@ def run_tune(
                 study.optimize(worker.objective, n_trials=1, catch=(IgkdError,))
                 duplicates_in_a_row = duplicates_in_a_row + 1 if worker.last_was_duplicate else 0
             if duplicates_in_a_row >= MAX_DUPLICATES_IN_A_ROW:
-                studies.say(options, f"[yellow]tune: the sampler proposed {MAX_DUPLICATES_IN_A_ROW} known points in a row; this worker stops[/yellow]")
+                options.say(f"[yellow]tune: the sampler proposed {MAX_DUPLICATES_IN_A_ROW} known points in a row; this worker stops[/yellow]")
                 break
             write_tune_json(study, out, tune_meta, target)
     except KeyboardInterrupt:
-        studies.say(options, "[yellow]tune interrupted: run the same command again; the interrupted trial is retried from its checkpoint[/yellow]")
+        options.say("[yellow]tune interrupted: run the same command again; the interrupted trial is retried from its checkpoint[/yellow]")
         write_tune_json(study, out, tune_meta, target)
         raise
     result = write_tune_json(study, out, tune_meta, target)
     running = result["counts"].get("RUNNING", 0)
     if running:
-        studies.say(options, f"tune: nothing left to start here; {running} trial(s) still running in other workers")
-    return studies.load_study(out)
-
-
-def join_study_file(out: Path, new: dict) -> dict:
-    """study.json grown by this worker's record (its invocation), read-merged-written under a lock
-    so that workers starting together keep every invocation."""
-    studies.open_study(out, new)  # refuse a foreign or different folder before creating anything in it
-    out.mkdir(parents=True, exist_ok=True)
-    with studies.study_file_lock(out):
-        record = studies.open_study(out, new)
-        atomic_write_json(out / studies.STUDY_FILE, record)
-    return record
+        options.say(f"tune: nothing left to start here; {running} trial(s) still running in other workers")
+    return load_study(out)
 
 
 def _check_optuna_study(study, identity: dict) -> None:
@@ -583,7 +585,7 @@ def _check_optuna_study(study, identity: dict) -> None:
     if saved is None:
         study.set_user_attr("igkd", current)
         return
-    key = studies.first_difference(saved, current)
+    key = first_difference(saved, current)
     if key is not None:
         raise IgkdError(
             f"Optuna study {study.study_name!r} in this storage was started with {key} = {saved.get(key)!r}, not {current.get(key)!r}: "
@@ -603,32 +605,8 @@ def _check_space(dataset, space: dict, method: str, student: str, seed: int, opt
     from igkd.distill.config import refuse_no_effect
 
     refuse_no_effect(list(configs.values()), {name: "--params" for name in space})  # e.g. T of a method without KD
-    teacher, attributions = studies.input_records(options, dataset, configs)
-    studies.check_inputs(configs, options, teacher, attributions)
+    teacher, attributions = input_records(options, dataset, configs)
+    check_inputs(configs, options, teacher, attributions)
     return base, teacher, attributions
 
 
-def _study_record(dataset, base, teacher, attributions, options: StudyOptions, tune_meta: dict) -> dict:
-    """study.json of a tune study (schema in docs/experiments.md)."""
-    return {
-        "format": studies.FORMAT,
-        "format_version": studies.FORMAT_VERSION,
-        "kind": "tune",
-        "paired": False,
-        "pairing": "not applicable: trials differ in hyper-parameters and are compared on validation accuracy",
-        "methods": [base.method],
-        "students": [base.student],
-        "runs": [base.seed],
-        "subset": 1.0,
-        "independent": False,
-        "configs": {base.method: studies.config_identity(base)},
-        "dataset": studies.dataset_record(dataset),
-        "teacher": teacher,
-        "attributions": attributions,
-        "extras": studies.extras_record(options),
-        "tune": tune_meta,
-        "plan": [],
-        "created": studies.now(),
-        "updated": studies.now(),
-        "invocations": [studies.invocation(base.device, options.cohort_size if tune_meta.get("sampler") == "grid" else 1)],
-    }

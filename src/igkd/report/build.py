@@ -25,7 +25,7 @@ def build_report(studies: list, out, *, data_dir=None, latency=None, evaluations
     """Write ``out/report.md``, ``out/report.json`` and the PNGs for ``studies``; returns the report dict.
     ``dataset``: the studies' data already in memory (used where its fingerprint is theirs), else loaded from ``data_dir``."""
     from igkd.devices import resolve_device
-    from igkd.experiments.studies import load_study, now
+    from igkd.experiments.study_folder import load_study, now
     from igkd.provenance import environment
 
     out = Path(out)
