@@ -295,6 +295,7 @@ def _register_studies(app: typer.Typer) -> None:
         study_name: Optional[str] = typer.Option(None, help="Optuna study name (default: igkd-tune-<method>-<sampler>-<params>)."),
         seed: int = typer.Option(0, help="Training seed of every trial."),
         sampler_seed: Optional[int] = typer.Option(None, help="Sampler seed (default: --seed); give each TPE worker its own."),
+        heartbeat: Optional[int] = typer.Option(None, help="Seconds between this worker's heartbeats (default 60); a trial silent for 3x that is a killed worker's and is retried from its checkpoint."),
         student: str = typer.Option("k5", help="Student k3 ... k17."),
         teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder."),
         attributions: Optional[Path] = typer.Option(None, help="IG cache folder (needed when p > 0)."),
@@ -318,7 +319,7 @@ def _register_studies(app: typer.Typer) -> None:
         options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
         study = run_tune(
             load_dataset(dataset, data_dir, progress=not as_json), out, method=method, params=params, sampler=sampler, trials=trials,
-            grid_file=grid_file, storage=storage, study_name=study_name, seed=seed, sampler_seed=sampler_seed, student=student, options=options,
+            grid_file=grid_file, storage=storage, study_name=study_name, seed=seed, sampler_seed=sampler_seed, student=student, heartbeat=heartbeat, options=options,
         )
         _print_tune(study, as_json)
 

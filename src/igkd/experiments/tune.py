@@ -63,7 +63,10 @@ MAX_ATTEMPTS = 5
 MAX_DUPLICATES_IN_A_ROW = 20
 #: How long a trial waits for an earlier trial (still being sampled) to show its parameters.
 CLAIM_WAIT_S = 120.0
-HEARTBEAT_S, GRACE_S = 60, 180
+#: A worker's heartbeat interval (``--heartbeat``); a RUNNING trial whose heartbeat is GRACE_FACTOR times as old is
+#: taken as killed (marked FAIL, then queued again).
+HEARTBEAT_S, GRACE_FACTOR = 60, 3
+GRACE_S = HEARTBEAT_S * GRACE_FACTOR
 SQLITE_TIMEOUT_S = 60
 
 
@@ -163,8 +166,18 @@ def redact(url: str) -> str:
         return url
 
 
-def open_storage(url: str):
-    """RDBStorage with a heartbeat (to spot killed workers) and, for SQLite, a 60 s lock timeout.
+def check_heartbeat(seconds: int | None) -> int:
+    """``--heartbeat``: whole seconds, at least 1 (default :data:`HEARTBEAT_S`)."""
+    if seconds is None:
+        return HEARTBEAT_S
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:
+        raise IgkdError(f"--heartbeat takes whole seconds, at least 1 (a killed worker's trial is retried after {GRACE_FACTOR}x that), got {seconds!r}")
+    return seconds
+
+
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S):
+    """RDBStorage with a heartbeat every ``heartbeat_s`` (a trial silent for :data:`GRACE_FACTOR` times that is a killed
+    worker's) and, for SQLite, a 60 s lock timeout.
 
     Several workers creating the tables of a new SQLite file at once can collide;
     that is retried a few times.
@@ -177,7 +190,7 @@ def open_storage(url: str):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=GRACE_FACTOR * heartbeat_s)
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as err:
             if attempt == 4:
                 raise IgkdError(f"cannot open the Optuna storage {redact(url)}: {str(err).splitlines()[0]}") from None
@@ -472,6 +485,7 @@ def run_tune(
     seed: int = 0,
     sampler_seed: int | None = None,
     student: str = "k5",
+    heartbeat: int | None = None,
     options: StudyOptions | None = None,
     **kwargs,
 ) -> dict:
@@ -480,10 +494,12 @@ def run_tune(
     ``trials``: the number of completed trials the study aims at (all workers
     together); default and maximum for the grid: its size; required for TPE.
     ``sampler_seed`` (default ``seed``): give each TPE worker its own.
+    ``heartbeat``: seconds between this worker's heartbeats (:func:`check_heartbeat`).
     """
     import optuna
 
     studies.refuse_torchrun()
+    heartbeat = check_heartbeat(heartbeat)
     options = studies.study_options(options, kwargs)
     out = Path(out)
     methods = studies.parse_methods(method)
@@ -523,7 +539,7 @@ def run_tune(
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures and duplicates are reported by our own lines
     sampler_seed = seed if sampler_seed is None else sampler_seed
     chosen = optuna.samplers.GridSampler({n: s["values"] for n, s in space.items()}, seed=sampler_seed) if sampler == "grid" else optuna.samplers.TPESampler(seed=sampler_seed)
-    study = optuna.create_study(study_name=study_name, storage=open_storage(url), sampler=chosen, direction="maximize", load_if_exists=True)
+    study = optuna.create_study(study_name=study_name, storage=open_storage(url, heartbeat), sampler=chosen, direction="maximize", load_if_exists=True)
     _check_optuna_study(study, {k: tune_meta[k] for k in ("sampler", "params", "space", "method", "student", "seed")} | {
         "dataset": dataset.fingerprint, "teacher": (teacher or {}).get("sha256"), "config": new["configs"][method]
     })
