@@ -1,7 +1,7 @@
 """Studies beyond one process: `igkd tune` workers on a real PostgreSQL server, studies on a real Ray cluster.
 
-Every test here starts real servers on the loopback address (marked ``cluster``: CI runs them; ``pytest -m "not cluster"``
-skips them locally, docs/distributed.md). PostgreSQL's initdb refuses to run as root: as root, the server runs as
+The tests marked ``cluster`` start real servers on the loopback address (CI runs them; ``pytest -m "not cluster"``
+skips them locally, docs/distributed.md); the others check the executor's choices and cohorts without a server. PostgreSQL's initdb refuses to run as root: as root, the server runs as
 the system user ``nobody`` in a folder it owns.
 """
 
@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-pytestmark = pytest.mark.cluster
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -49,6 +47,55 @@ def wait_for(condition, what: str, timeout: float = 300.0, every: float = 0.1):
             return value
         time.sleep(every)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# -- without a server -----------------------------------------------------------------------------------
+
+
+def test_executor_choices_are_one_error_line_before_anything_is_written(tiny_dataset, tmp_path, monkeypatch, capsys):
+    from igkd.distill.executor import execute, pick
+    from igkd.errors import IgkdError
+    from igkd.experiments.reproduce import run_reproduce
+    from igkd.experiments.studies import run_ablation
+    from igkd.experiments.tune import run_tune
+
+    assert pick("local") is execute
+    with pytest.raises(IgkdError, match="unknown executor 'slurm': use local or ray"):
+        pick("slurm")
+    with pytest.raises(IgkdError, match="--ray-address goes with --executor ray"):
+        pick("local", "127.0.0.1:6379")
+    fast = dict(epochs=1, batch_size=16, device="cpu", progress=False)
+    with pytest.raises(IgkdError, match="--budget .* --executor local"):
+        run_reproduce(tmp_path / "repro", dataset="digits", quick=True, budget="10m", executor="ray", progress=False)
+    with pytest.raises(IgkdError, match="for tpe start several workers"):
+        run_tune(tiny_dataset, tmp_path / "tune", method="kd", params="T", sampler="tpe", trials=2, executor="ray", **fast)
+    with pytest.raises(IgkdError, match="--heartbeat takes whole seconds, at least 1"):
+        run_tune(tiny_dataset, tmp_path / "tune", method="kd", params="T", heartbeat=0, **fast)
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
+    with pytest.raises(IgkdError, match=r"pip install 'igkd\[ray\]'"):
+        run_ablation(tiny_dataset, tmp_path / "study", methods="student", seeds=1, student="k17", executor="ray", **fast)
+    from igkd.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ablation", "--dataset", "digits", "--out", str(tmp_path / "cli"), "--executor", "ray"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "pip install 'igkd[ray]'" in err
+    assert not [p.name for p in tmp_path.iterdir()]  # nothing written
+
+
+def test_ray_cohorts_are_the_local_executors(tiny_dataset, tmp_path, monkeypatch):
+    """:func:`igkd.distill.ray_executor.cohorts_of` groups a plan as the local executor does (size, key, order)."""
+    from igkd.distill import executor, resolve_config
+    from igkd.distill.executor import Run
+    from igkd.distill.ray_executor import cohorts_of
+
+    configs = [resolve_config(method=m, seed=s, student="k17", device="cpu", epochs=e) for s in (0, 1) for m, e in (("student", 1), ("kd", 1), ("student", 2))]
+    runs = [Run(c, tmp_path / f"run-{i}") for i, c in enumerate(configs)]
+    seen = []
+    monkeypatch.setattr(executor, "_train", lambda cohort, dataset, inputs, **kw: seen.append([r.out for r in cohort]) or [{} for _ in cohort])
+    executor.execute(runs, tiny_dataset, cohort_size=3)
+    grouped = [[r.out for r in c] for c in cohorts_of(runs, {str(r.out): 0 for r in runs}, 3)]
+    assert grouped == seen == [[runs[i].out for i in (0, 1, 3)], [runs[i].out for i in (2, 5)], [runs[4].out]]
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------------------
@@ -117,6 +164,7 @@ def running_trial_with_checkpoint(storage: str, out: Path):
     return None
 
 
+@pytest.mark.cluster
 def test_tune_workers_on_postgresql_lose_no_trial_when_one_is_killed(postgres, tmp_path):
     """Two `igkd tune` workers share a 4-point grid in PostgreSQL; one is killed (SIGKILL) mid-trial, after its
     first checkpoint. Its trial goes stale (heartbeat 2 s, grace 6 s), is marked FAIL and queued again, and the
@@ -173,3 +221,125 @@ def test_tune_workers_on_postgresql_lose_no_trial_when_one_is_killed(postgres, t
     assert folders == sorted(f"trial-{t['number']}" for t in complete)
     invocations = json.loads((out / "study.json").read_text())["invocations"]
     assert len(invocations) == 3  # both workers and the command run again
+
+
+# -- Ray ------------------------------------------------------------------------------------------------
+
+
+def ray_start(*args: str) -> int:
+    """``ray start ...`` with one CPU, a 200 MB object store and fixed loopback ports (it returns once the node is up)."""
+    ray = Path(sys.executable).parent / "ray"
+    ports = [free_port() for _ in range(5)]
+    command = [
+        str(ray), "start", *args, "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(200 * 10**6),
+        "--disable-usage-stats", "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
+        "--min-worker-port", str(ports[2]), "--max-worker-port", str(ports[2] + 50),
+    ]
+    subprocess.run(command, env=child_env(RAY_USAGE_STATS_ENABLED="0"), check=True, capture_output=True, timeout=300)
+    return ports[0]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A Ray cluster of two nodes on the loopback address (separate processes, one CPU each, no dashboard), its
+    session files in a temporary directory, stopped at the end. Yields (address, node manager port of the second node)."""
+    temp = Path(tempfile.mkdtemp(prefix="igkd-ray-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    try:
+        ray_start("--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp))
+        second = ray_start("--address", address)
+        yield address, second
+    finally:
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=child_env(), capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+ABLATION = ["--dataset", "digits", "--methods", "student,kd", "--seeds", "2", "--student", "k17", "--epochs", "2", "--batch-size", "64", "--device", "cpu"]
+
+
+def ablation(out: Path, teacher: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "igkd.cli", "ablation", "--out", str(out), "--teacher", str(teacher), *ABLATION, *extra]
+
+
+@pytest.fixture(scope="module")
+def local_study(tmp_path_factory):
+    """The 2 methods x 2 seeds x 2 epochs digits ablation trained by the local executor at one thread."""
+    from igkd.models import build_model, save_model
+
+    home = tmp_path_factory.mktemp("local")
+    torch.manual_seed(0)
+    teacher = home / "teacher.safetensors"
+    save_model(teacher, build_model("teacher", width=0.25, num_classes=10))
+    done = subprocess.run(ablation(home / "study", teacher), env=child_env(), capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr
+    return home / "study", teacher
+
+
+def weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "model.safetensors")
+
+
+def assert_same_study(a: Path, b: Path) -> None:
+    """Same runs, bit-identical weights and the same results.csv (cohort sizes and accuracies included)."""
+    runs = sorted(p.name for p in (a / "runs").iterdir())
+    assert runs == sorted(p.name for p in (b / "runs").iterdir()) == ["kd-s0", "kd-s1", "student-s0", "student-s1"]
+    for run in runs:
+        wa, wb = weights(a / "runs" / run), weights(b / "runs" / run)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"{run}: weights differ"
+    assert (a / "results.csv").read_text() == (b / "results.csv").read_text()
+
+
+@pytest.mark.cluster
+def test_ablation_on_ray_equals_the_local_executor(ray_cluster, local_study, tmp_path):
+    """--executor ray on a 2-node cluster: the same run folders, bit-identical weights (1 thread both)."""
+    address, _ = ray_cluster
+    local, teacher = local_study
+    done = subprocess.run(ablation(tmp_path / "study", teacher, "--executor", "ray", "--ray-address", address), env=child_env(),
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "4 done, 0 running, 0 pending of 4 runs" in done.stdout
+    assert_same_study(local, tmp_path / "study")
+
+
+def task_workers(raylet_port: int) -> list[int]:
+    """Pids of the worker processes of the node whose raylet listens on ``raylet_port`` that run an igkd cohort."""
+    procs = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            pid = int(stat.split("/")[2])
+            ppid = int(Path(stat).read_text().rsplit(")", 1)[1].split()[1])
+            procs[pid] = (ppid, Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError, IndexError):
+            continue
+    raylets = {pid for pid, (_, cmd) in procs.items() if "raylet" in cmd.split(" ")[0] and f"--node_manager_port={raylet_port}" in cmd}
+    return [pid for pid, (ppid, cmd) in procs.items() if ppid in raylets and cmd.startswith("ray::igkd-cohort")]
+
+
+@pytest.mark.cluster
+def test_a_killed_worker_node_task_is_retried_and_the_study_finishes_the_same(ray_cluster, local_study, tmp_path):
+    """SIGKILL the second node's task worker after a first checkpoint: Ray runs the task again, the run resumes from
+    its folder, and the study ends with the local executor's weights."""
+    address, second = ray_cluster
+    local, teacher = local_study
+    out = tmp_path / "study"
+    driver = subprocess.Popen(ablation(out, teacher, "--executor", "ray", "--ray-address", address), env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def busy_after_a_checkpoint():
+            started = [p for p in (out / "runs").glob("*/checkpoint.pt") if not (p.parent / "summary.json").exists()] if (out / "runs").is_dir() else []
+            return started and task_workers(second)
+
+        victims = wait_for(busy_after_a_checkpoint, "a checkpoint while the second node trains", timeout=1800, every=0.2)
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        output, _ = driver.communicate(timeout=1800)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 0, output
+    assert "4 done, 0 running, 0 pending of 4 runs" in output
+    assert_same_study(local, out)

@@ -134,17 +134,24 @@ COHORT_HELP = (
 )
 
 
-def _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size=None):
+EXECUTOR_HELP = "local (this process) or ray (each cohort a Ray task on a cluster; the --out folder on storage every node sees: docs/distributed.md)."
+RAY_ADDRESS_HELP = "With --executor ray: the cluster to join, e.g. auto or 10.0.0.1:6379 (default: RAY_ADDRESS, else a new local Ray)."
+
+
+def _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size=None,
+             executor="local", ray_address=None):
     from igkd.devices import parse_device
     from igkd.distill.config import load_yaml
-    from igkd.distill.executor import check_cohort_size
+    from igkd.distill.executor import check_cohort_size, pick
     from igkd.experiments.studies import StudyOptions
 
     parse_device(device)  # before the dataset is loaded
+    pick(executor, ray_address)
     return StudyOptions(
         teacher=teacher, attributions=attributions, recipe=recipe, config_values=load_yaml(config) if config else None,
         epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, device=device,
         agreement=agreement, robustness=robustness, progress=not as_json, cohort_size=check_cohort_size(cohort_size),
+        executor=executor, ray_address=ray_address,
     )
 
 
@@ -207,13 +214,15 @@ def _register_studies(app: typer.Typer) -> None:
         agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images (agreement.json per run)."),
         robustness: Optional[str] = typer.Option(None, help="Also evaluate each run under corruptions, e.g. all (robustness.json per run)."),
         cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help=COHORT_HELP),
+        executor: str = typer.Option("local", help=EXECUTOR_HELP),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print the study as JSON only."),
     ) -> None:
         """Train every method with seeds 0..N-1 on the full training split (paired by seed)."""
         from igkd.data import load_dataset
         from igkd.experiments.studies import run_ablation
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size, executor, ray_address)
         study = run_ablation(load_dataset(dataset, data_dir, progress=not as_json), out, methods=methods, seeds=seeds, student=student, options=options)
         _print_study(study, as_json)
 
@@ -239,13 +248,15 @@ def _register_studies(app: typer.Typer) -> None:
         agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images."),
         robustness: Optional[str] = typer.Option(None, help="Also evaluate each run under corruptions."),
         cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help=COHORT_HELP),
+        executor: str = typer.Option("local", help=EXECUTOR_HELP),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print the study as JSON only."),
     ) -> None:
         """Monte Carlo: every method on N random stratified subsets, run r of each method on the same subset."""
         from igkd.data import load_dataset
         from igkd.experiments.studies import run_montecarlo
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size, executor, ray_address)
         study = run_montecarlo(
             load_dataset(dataset, data_dir, progress=not as_json), out, methods=methods, runs=runs, subset=subset, independent=independent,
             student=student, options=options,
@@ -272,13 +283,15 @@ def _register_studies(app: typer.Typer) -> None:
         agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images."),
         robustness: Optional[str] = typer.Option(None, help="Also evaluate each run under corruptions."),
         cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help=COHORT_HELP),
+        executor: str = typer.Option("local", help=EXECUTOR_HELP),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print the study as JSON only."),
     ) -> None:
         """Accuracy against compression factor: every student x method x seed (params and CF recorded)."""
         from igkd.data import load_dataset
         from igkd.experiments.studies import run_sweep
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size, executor, ray_address)
         study = run_sweep(load_dataset(dataset, data_dir, progress=not as_json), out, students=students, methods=methods, seeds=seeds, options=options)
         _print_study(study, as_json)
 
@@ -310,13 +323,15 @@ def _register_studies(app: typer.Typer) -> None:
         agreement: Optional[int] = typer.Option(None, help="Also measure IG agreement with the teacher on N test images."),
         robustness: Optional[str] = typer.Option(None, help="Also evaluate each trial under corruptions."),
         cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help=COHORT_HELP + " (grid sampler only)"),
+        executor: str = typer.Option("local", help=EXECUTOR_HELP),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print tune.json only."),
     ) -> None:
         """Tune T, alpha, p, gamma on validation accuracy with Optuna; run it in several shells/machines to add workers."""
         from igkd.data import load_dataset
         from igkd.experiments.tune import run_tune
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size, executor, ray_address)
         study = run_tune(
             load_dataset(dataset, data_dir, progress=not as_json), out, method=method, params=params, sampler=sampler, trials=trials,
             grid_file=grid_file, storage=storage, study_name=study_name, seed=seed, sampler_seed=sampler_seed, student=student, heartbeat=heartbeat, options=options,

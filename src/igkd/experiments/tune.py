@@ -345,8 +345,9 @@ class _Worker:
             raise
         return self.finish(trial, run_dir, summary)
 
-    def cohort(self, size: int, target: int) -> None:
-        """Start up to ``size`` trials and train them as cohorts (grid sampler): ask, train together, tell.
+    def cohort(self, size: int, target: int, per_cohort: int | None = None) -> None:
+        """Start up to ``size`` trials and train them as cohorts of ``per_cohort`` (default ``size``; grid sampler):
+        ask, train together (with ``--executor ray``: a Ray task per cohort), tell.
 
         A cohort that fails (a NaN loss in one member stops it) is trained again run by run, so only the
         trial whose values fail is recorded as failed.
@@ -354,7 +355,7 @@ class _Worker:
         import optuna
         from optuna.trial import TrialState
 
-        from igkd.distill.executor import Run, execute
+        from igkd.distill.executor import Run, pick
 
         batch = []
         while len(batch) < size and self.work_left(target):
@@ -375,10 +376,11 @@ class _Worker:
             return
         teacher, attributions = self.record.get("teacher"), self.record.get("attributions")
         inputs = {"teacher_path": teacher["path"] if teacher else None, "attributions_dir": attributions["path"] if attributions else None}
+        execute = pick(self.options.executor, self.options.ray_address)
         train = lambda runs, size: execute(runs, self.dataset, cohort_size=size, progress=self.options.progress, **inputs)  # noqa: E731
         try:
             with _heartbeats(self.study, [trial for trial, _ in batch]):  # as optimize() does: a killed worker's trials go stale
-                summaries = train([run for _, run in batch], size)
+                summaries = train([run for _, run in batch], per_cohort or size)
         except IgkdError as err:
             summaries = {}
             if len(batch) == 1:
@@ -501,6 +503,7 @@ def run_tune(
     studies.refuse_torchrun()
     heartbeat = check_heartbeat(heartbeat)
     options = studies.study_options(options, kwargs)
+    _check_executor(options, sampler)
     out = Path(out)
     methods = studies.parse_methods(method)
     if len(methods) != 1:
@@ -560,7 +563,10 @@ def run_tune(
             worker.requeue_interrupted()
             if not worker.work_left(target):
                 break
-            if cohort_size > 1:
+            if options.executor == "ray":  # every point left at once, a Ray task per cohort
+                worker.cohort(target, target, per_cohort=cohort_size)
+                duplicates_in_a_row = worker.duplicates
+            elif cohort_size > 1:
                 worker.cohort(cohort_size, target)
                 duplicates_in_a_row = worker.duplicates
             else:
@@ -579,6 +585,15 @@ def run_tune(
     if running:
         studies.say(options, f"tune: nothing left to start here; {running} trial(s) still running in other workers")
     return studies.load_study(out)
+
+
+def _check_executor(options: StudyOptions, sampler: str) -> None:
+    """``--executor ray`` trains the grid's points as Ray tasks; TPE proposes each trial from the ones before it."""
+    from igkd.distill.executor import pick
+
+    pick(options.executor, options.ray_address)
+    if options.executor == "ray" and sampler != "grid":
+        raise IgkdError("--executor ray trains the grid sampler's points on a cluster; for tpe start several workers on one --storage instead (docs/distributed.md)")
 
 
 def join_study_file(out: Path, new: dict) -> dict:
