@@ -25,6 +25,12 @@ import torch
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
+def cluster(test):
+    """A test that starts servers: marked ``cluster``, and kept on one xdist worker (group ``cluster``, with
+    ``--dist loadgroup`` in pyproject.toml), so that two clusters never run at once."""
+    return pytest.mark.cluster(pytest.mark.xdist_group("cluster")(test))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +170,7 @@ def running_trial_with_checkpoint(storage: str, out: Path):
     return None
 
 
-@pytest.mark.cluster
+@cluster
 def test_tune_workers_on_postgresql_lose_no_trial_when_one_is_killed(postgres, tmp_path):
     """Two `igkd tune` workers share a 4-point grid in PostgreSQL; one is killed (SIGKILL) mid-trial, after its
     first checkpoint. Its trial goes stale (heartbeat 2 s, grace 6 s), is marked FAIL and queued again, and the
@@ -251,8 +257,39 @@ def ray_cluster():
         second = ray_start("--address", address)
         yield address, second
     finally:
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=child_env(), capture_output=True, timeout=120)
+        stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_cluster(temp: Path) -> None:
+    """End this cluster's processes only (``ray stop`` would end every Ray on the machine): those whose command line
+    names its session folder (GCS, raylets, monitors), their children (workers) first; SIGTERM, then SIGKILL."""
+    procs = processes()
+    ours = {pid for pid, (_, cmd) in procs.items() if str(temp) in cmd}
+    children = {pid for pid, (ppid, _) in procs.items() if ppid in ours}
+    for group in (children, ours):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in group:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in group):
+                time.sleep(0.2)
+
+
+def processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of the processes of this machine (Linux /proc)."""
+    procs = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            pid = int(stat.split("/")[2])
+            ppid = int(Path(stat).read_text().rsplit(")", 1)[1].split()[1])
+            procs[pid] = (ppid, Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return procs
 
 
 ABLATION = ["--dataset", "digits", "--methods", "student,kd", "--seeds", "2", "--student", "k17", "--epochs", "2", "--batch-size", "64", "--device", "cpu"]
@@ -292,7 +329,7 @@ def assert_same_study(a: Path, b: Path) -> None:
     assert (a / "results.csv").read_text() == (b / "results.csv").read_text()
 
 
-@pytest.mark.cluster
+@cluster
 def test_ablation_on_ray_equals_the_local_executor(ray_cluster, local_study, tmp_path):
     """--executor ray on a 2-node cluster: the same run folders, bit-identical weights (1 thread both)."""
     address, _ = ray_cluster
@@ -306,19 +343,12 @@ def test_ablation_on_ray_equals_the_local_executor(ray_cluster, local_study, tmp
 
 def task_workers(raylet_port: int) -> list[int]:
     """Pids of the worker processes of the node whose raylet listens on ``raylet_port`` that run an igkd cohort."""
-    procs = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            pid = int(stat.split("/")[2])
-            ppid = int(Path(stat).read_text().rsplit(")", 1)[1].split()[1])
-            procs[pid] = (ppid, Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-        except (OSError, ValueError, IndexError):
-            continue
+    procs = processes()
     raylets = {pid for pid, (_, cmd) in procs.items() if "raylet" in cmd.split(" ")[0] and f"--node_manager_port={raylet_port}" in cmd}
     return [pid for pid, (ppid, cmd) in procs.items() if ppid in raylets and cmd.startswith("ray::igkd-cohort")]
 
 
-@pytest.mark.cluster
+@cluster
 def test_a_killed_worker_node_task_is_retried_and_the_study_finishes_the_same(ray_cluster, local_study, tmp_path):
     """SIGKILL the second node's task worker after a first checkpoint: Ray runs the task again, the run resumes from
     its folder, and the study ends with the local executor's weights."""
