@@ -165,6 +165,26 @@ def execute(
     return summaries
 
 
+#: ``--executor``: where a plan's cohorts train (this process, or Ray tasks on a cluster: :mod:`igkd.distill.ray_executor`).
+EXECUTORS = ("local", "ray")
+
+
+def pick(name: str = "local", ray_address: str | None = None) -> Callable[..., dict[str, dict]]:
+    """The ``execute`` function of executor ``name`` (same arguments); Ray's missing gives one line naming the extra."""
+    if name not in EXECUTORS:
+        raise IgkdError(f"unknown executor {name!r}: use {' or '.join(EXECUTORS)}")
+    if name == "local":
+        if ray_address is not None:
+            raise IgkdError("--ray-address goes with --executor ray")
+        return execute
+    import functools
+
+    from igkd.distill import ray_executor
+
+    ray_executor.require_ray()
+    return functools.partial(ray_executor.execute, address=ray_address)
+
+
 def _size_for_time(clock: _Clock, key: tuple, size: int, epochs: int, time_left, head: Run) -> int:
     """The largest cohort size <= ``size`` whose projected time fits in ``time_left()``; ``size`` when unmeasured."""
     if time_left is None:

@@ -135,6 +135,10 @@ COHORT_HELP = (
 )
 
 
+EXECUTOR_HELP = "local (this process) or ray (each cohort a Ray task on a cluster; the --out folder on storage every node sees: docs/distributed.md)."
+RAY_ADDRESS_HELP = "With --executor ray: the cluster to join, e.g. auto or 10.0.0.1:6379 (default: RAY_ADDRESS, else a new local Ray)."
+
+
 #: The options every study command takes after its own: (parameter, type, typer.Option's default and flags, help).
 #: :func:`_study_command` adds them and gathers them into one StudyOptions; a command may word a help its own way.
 STUDY_OPTIONS = (
@@ -151,6 +155,8 @@ STUDY_OPTIONS = (
     ("agreement", Optional[int], (None,), "Also measure IG agreement with the teacher on N test images."),
     ("robustness", Optional[str], (None,), "Also evaluate each run under corruptions."),
     ("cohort_size", Optional[int], (None, "--cohort-size"), COHORT_HELP),
+    ("executor", str, ("local",), EXECUTOR_HELP),
+    ("ray_address", Optional[str], (None, "--ray-address"), RAY_ADDRESS_HELP),
     ("as_json", bool, (False, "--json"), "Print the study as JSON only."),
 )
 
@@ -183,14 +189,16 @@ def _study_command(app: typer.Typer, name: str, **helps: str):
     return register
 
 
-def _study_options(*, config, cohort_size, device, **values):
+def _study_options(*, config, cohort_size, device, executor, ray_address, **values):
     from igkd.devices import parse_device
     from igkd.distill.config import load_yaml
-    from igkd.distill.executor import check_cohort_size
+    from igkd.distill.executor import check_cohort_size, pick
     from igkd.experiments.studies import StudyOptions
 
     parse_device(device)  # before the dataset is loaded
-    return StudyOptions(config_values=load_yaml(config) if config else None, device=device, cohort_size=check_cohort_size(cohort_size), **values)
+    pick(executor, ray_address)
+    return StudyOptions(config_values=load_yaml(config) if config else None, device=device, cohort_size=check_cohort_size(cohort_size),
+                        executor=executor, ray_address=ray_address, **values)
 
 
 def _print_study(study: dict, as_json: bool) -> None:
@@ -313,6 +321,7 @@ def _register_studies(app: typer.Typer) -> None:
         study_name: Optional[str] = typer.Option(None, help="Optuna study name (default: igkd-tune-<method>-<sampler>-<params>)."),
         seed: int = typer.Option(0, help="Training seed of every trial."),
         sampler_seed: Optional[int] = typer.Option(None, help="Sampler seed (default: --seed); give each TPE worker its own."),
+        heartbeat: Optional[int] = typer.Option(None, help="Seconds between this worker's heartbeats (default 60); a trial silent for 3x that is a killed worker's and is retried from its checkpoint."),
         student: str = typer.Option("k5", help="Student k3 ... k17."),
         *, options, data_dir, as_json,
     ) -> None:
@@ -322,7 +331,7 @@ def _register_studies(app: typer.Typer) -> None:
 
         study = run_tune(
             load_dataset(dataset, data_dir, progress=not as_json), out, method=method, params=params, sampler=sampler, trials=trials,
-            grid_file=grid_file, storage=storage, study_name=study_name, seed=seed, sampler_seed=sampler_seed, student=student, options=options,
+            grid_file=grid_file, storage=storage, study_name=study_name, seed=seed, sampler_seed=sampler_seed, student=student, heartbeat=heartbeat, options=options,
         )
         _print_tune(study, as_json)
 

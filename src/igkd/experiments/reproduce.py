@@ -214,8 +214,10 @@ class Reproduction:
 
     def __init__(
         self, out: Path, settings: Settings, data, *, data_dir, device: str, budget: Budget, teacher: Path | None, progress: bool, cohort_size: int | None = None,
+        executor: str = "local", ray_address: str | None = None,
     ):
         self.out, self.settings, self.data, self.data_dir, self.cohort_size = out, settings, data, data_dir, cohort_size
+        self.executor, self.ray_address = executor, ray_address  # where the studies' runs train (the teacher and IG maps: here)
         self.device, self.budget, self.teacher_given, self.progress = device, budget, teacher, progress
         self.times: dict[str, float] = {}
         # the teacher trains on all training images; the students (and so the IG maps) on the first N per class
@@ -306,6 +308,7 @@ class Reproduction:
             epochs=overrides.pop("epochs", None), batch_size=overrides.pop("batch_size", None), lr=overrides.pop("lr", None),
             config_values=overrides or None, on_epoch_end=self._epoch_hook(stage),
             cohort_size=self.cohort_size, time_left=self.budget.left if self.budget.seconds is not None else None,
+            executor=self.executor, ray_address=self.ray_address,
         )
 
     def ablation(self) -> dict:
@@ -377,7 +380,7 @@ def _latency_students(out: Path) -> list[Path]:
 def run_reproduce(
     out: Path, *, dataset: str = "folder", data_dir=None, budget: str | None = None, stages: str | None = None, quick: bool = False,
     teacher: Path | None = None, device: str = "auto", results: Path | None = None, progress: bool = True, cohort_size: int | None = None,
-    profile: str = "paper", seeds: int | None = None,
+    profile: str = "paper", seeds: int | None = None, executor: str = "local", ray_address: str | None = None,
 ) -> dict:
     """Run the chosen stages in order until done or out of budget; returns the state (also ``out/reproduce.json``).
 
@@ -386,13 +389,16 @@ def run_reproduce(
     """
     from igkd.data import load_dataset
     from igkd.devices import resolve_device
-    from igkd.distill.executor import NotEnoughTime, check_cohort_size
+    from igkd.distill.executor import NotEnoughTime, check_cohort_size, pick
     from igkd.experiments.study_folder import now
     from igkd.provenance import environment, git_sha, load_average, machine_facts
 
     out = Path(out)
     chosen = parse_stages(stages)
     clock = Budget(parse_budget(budget))
+    pick(executor, ray_address)
+    if executor != "local" and clock.seconds is not None:
+        raise IgkdError("--budget is checked between epochs in this process: use it with --executor local, or drop it")
     resolve_device(device)
     if teacher is not None and not Path(teacher).exists():
         raise IgkdError(f"--teacher {teacher} does not exist")
@@ -419,7 +425,7 @@ def run_reproduce(
         data = first_per_class(data, *settings.per_class)
     state["data"] = {"name": data.name, "source": data.source, "fingerprint": data.fingerprint, "train": len(data.train), "test": len(data.test)}
     job = Reproduction(out, settings, data, data_dir=data_dir, device=device, budget=clock, teacher=teacher, progress=progress,
-                       cohort_size=check_cohort_size(cohort_size))
+                       cohort_size=check_cohort_size(cohort_size), executor=executor, ray_address=ray_address)
     say = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
     stopped, worked = None, False
     for i, stage in enumerate(chosen):
@@ -562,6 +568,8 @@ def register(app) -> None:
         cohort_size: Optional[int] = typer.Option(None, "--cohort-size", help="Runs trained at once as one fused network (1 = run by run; default: 1 on CPU, as many as fit on a GPU)."),
         profile: str = typer.Option("paper", help="paper (the paper's scale, a GPU) or cpu (the same stages sized for 2 CPU cores in < 2 h; docs/results/cpu)."),
         seeds: Optional[int] = typer.Option(None, help="Paired seeds per method in the ablation (default: paper 5, cpu 3); more on a finished folder adds runs."),
+        executor: str = typer.Option("local", help="local, or ray: the studies' runs as Ray tasks on a cluster (docs/distributed.md); not with --budget."),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --executor ray: the cluster to join (default: RAY_ADDRESS, else a new local Ray)."),
     ) -> None:
         """Reproduce the paper: teacher, IG maps, ablation, Monte Carlo, sweep, latency and report; resumable, budgeted."""
         if pack_file is not None and unpack_file is not None:
@@ -581,7 +589,8 @@ def register(app) -> None:
         if dataset == "folder" and data_dir is None:
             raise IgkdError("--data-dir is needed: CIFAR-10 as an image folder or archive (e.g. cifar10-jpeg.tar.gz), or use --dataset digits --quick")
         state = run_reproduce(out, dataset=dataset, data_dir=data_dir, budget=budget, stages=stages, quick=quick, teacher=teacher,
-                              device=device, results=results, cohort_size=cohort_size, profile=profile, seeds=seeds)
+                              device=device, results=results, cohort_size=cohort_size, profile=profile, seeds=seeds,
+                              executor=executor, ray_address=ray_address)
         done = [name for name in STAGES if state["stages"].get(name, {}).get("done")]
         print(f"{out}: stages done: {', '.join(done) or 'none'}" + ("" if state.get("stopped_at") else "; nothing left to run" if len(done) == len(STAGES) else ""))
         if state.get("stopped_at"):

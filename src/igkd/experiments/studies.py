@@ -71,6 +71,8 @@ class StudyOptions:
     on_epoch_end: Callable[[int, dict], None] | None = None  # called after each epoch's checkpoint (igkd reproduce's budget)
     cohort_size: int | None = None  # runs trained as one fused network; None: 1 on CPU, as many as fit on CUDA
     time_left: Callable[[], float] | None = None  # seconds left; cohorts are sized to finish inside it
+    executor: str = "local"  # where cohorts train: this process, or "ray" (a task each, docs/distributed.md)
+    ray_address: str | None = None  # the Ray cluster to join (None: RAY_ADDRESS or a new local Ray)
 
     def config(self, method: str, student: str, seed: int, subset: float = 1.0, subset_seed: int | None = None, **overrides):
         """The training config of one run of the study (``overrides``: a tune trial's values)."""
@@ -127,7 +129,8 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
 
     for run in earlier:
         add_extras(run.out, dataset, teacher, options, cache)
-    executor.execute(
+    execute = executor.pick(options.executor, options.ray_address)
+    execute(
         runs, dataset,
         teacher_path=teacher["path"] if teacher else None,
         attributions_dir=attributions["path"] if attributions else None,
@@ -147,6 +150,7 @@ def refuse_torchrun() -> None:
 
 def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: float = 1.0, independent: bool = False, options: StudyOptions) -> dict:
     refuse_torchrun()
+    executor.pick(options.executor, options.ray_address)  # an unknown executor, or Ray missing: refused before anything is written
     out = Path(out)
     if not 0 < subset <= 1:
         raise IgkdError(f"--subset must be in (0, 1], got {subset}")

@@ -71,7 +71,10 @@ MAX_ATTEMPTS = 5
 MAX_DUPLICATES_IN_A_ROW = 20
 #: How long a trial waits for an earlier trial (still being sampled) to show its parameters.
 CLAIM_WAIT_S = 120.0
-HEARTBEAT_S, GRACE_S = 60, 180
+#: A worker's heartbeat interval (``--heartbeat``); a RUNNING trial whose heartbeat is GRACE_FACTOR times as old is
+#: taken as killed (marked FAIL, then queued again).
+HEARTBEAT_S, GRACE_FACTOR = 60, 3
+GRACE_S = HEARTBEAT_S * GRACE_FACTOR
 SQLITE_TIMEOUT_S = 60
 
 
@@ -171,8 +174,18 @@ def redact(url: str) -> str:
         return url
 
 
-def open_storage(url: str):
-    """RDBStorage with a heartbeat (to spot killed workers) and, for SQLite, a 60 s lock timeout.
+def check_heartbeat(seconds: int | None) -> int:
+    """``--heartbeat``: whole seconds, at least 1 (default :data:`HEARTBEAT_S`)."""
+    if seconds is None:
+        return HEARTBEAT_S
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:
+        raise IgkdError(f"--heartbeat takes whole seconds, at least 1 (a killed worker's trial is retried after {GRACE_FACTOR}x that), got {seconds!r}")
+    return seconds
+
+
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S):
+    """RDBStorage with a heartbeat every ``heartbeat_s`` (a trial silent for :data:`GRACE_FACTOR` times that is a killed
+    worker's) and, for SQLite, a 60 s lock timeout.
 
     Several workers creating the tables of a new SQLite file at once can collide;
     that is retried a few times.
@@ -185,7 +198,7 @@ def open_storage(url: str):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=GRACE_FACTOR * heartbeat_s)
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as err:
             if attempt == 4:
                 raise IgkdError(f"cannot open the Optuna storage {redact(url)}: {str(err).splitlines()[0]}") from None
@@ -340,8 +353,9 @@ class _Worker:
             raise
         return self.finish(trial, run_dir, summary)
 
-    def cohort(self, size: int, target: int) -> None:
-        """Start up to ``size`` trials and train them as cohorts (grid sampler): ask, train together, tell.
+    def cohort(self, size: int, target: int, per_cohort: int | None = None) -> None:
+        """Start up to ``size`` trials and train them as cohorts of ``per_cohort`` (default ``size``; grid sampler):
+        ask, train together (with ``--executor ray``: a Ray task per cohort), tell.
 
         A cohort that fails (a NaN loss in one member stops it) is trained again run by run, so only the
         trial whose values fail is recorded as failed.
@@ -349,7 +363,7 @@ class _Worker:
         import optuna
         from optuna.trial import TrialState
 
-        from igkd.distill.executor import Run, execute
+        from igkd.distill.executor import Run, pick
 
         batch = []
         while len(batch) < size and self.work_left(target):
@@ -370,10 +384,11 @@ class _Worker:
             return
         teacher, attributions = self.record.get("teacher"), self.record.get("attributions")
         inputs = {"teacher_path": teacher["path"] if teacher else None, "attributions_dir": attributions["path"] if attributions else None}
+        execute = pick(self.options.executor, self.options.ray_address)
         train = lambda runs, size: execute(runs, self.dataset, cohort_size=size, progress=self.options.progress, **inputs)  # noqa: E731
         try:
             with _heartbeats(self.study, [trial for trial, _ in batch]):  # as optimize() does: a killed worker's trials go stale
-                summaries = train([run for _, run in batch], size)
+                summaries = train([run for _, run in batch], per_cohort or size)
         except IgkdError as err:
             summaries = {}
             if len(batch) == 1:
@@ -480,6 +495,7 @@ def run_tune(
     seed: int = 0,
     sampler_seed: int | None = None,
     student: str = "k5",
+    heartbeat: int | None = None,
     options: StudyOptions | None = None,
     **kwargs,
 ) -> dict:
@@ -488,11 +504,14 @@ def run_tune(
     ``trials``: the number of completed trials the study aims at (all workers
     together); default and maximum for the grid: its size; required for TPE.
     ``sampler_seed`` (default ``seed``): give each TPE worker its own.
+    ``heartbeat``: seconds between this worker's heartbeats (:func:`check_heartbeat`).
     """
     import optuna
 
     refuse_torchrun()
+    heartbeat = check_heartbeat(heartbeat)
     options = study_options(options, kwargs)
+    _check_executor(options, sampler)
     out = Path(out)
     methods = parse_methods(method)
     if len(methods) != 1:
@@ -536,7 +555,7 @@ def run_tune(
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures and duplicates are reported by our own lines
     sampler_seed = seed if sampler_seed is None else sampler_seed
     chosen = optuna.samplers.GridSampler({n: s["values"] for n, s in space.items()}, seed=sampler_seed) if sampler == "grid" else optuna.samplers.TPESampler(seed=sampler_seed)
-    study = optuna.create_study(study_name=study_name, storage=open_storage(url), sampler=chosen, direction="maximize", load_if_exists=True)
+    study = optuna.create_study(study_name=study_name, storage=open_storage(url, heartbeat), sampler=chosen, direction="maximize", load_if_exists=True)
     _check_optuna_study(study, {k: tune_meta[k] for k in ("sampler", "params", "space", "method", "student", "seed")} | {
         "dataset": dataset.fingerprint, "teacher": (teacher or {}).get("sha256"), "config": new["configs"][method]
     })
@@ -557,7 +576,10 @@ def run_tune(
             worker.requeue_interrupted()
             if not worker.work_left(target):
                 break
-            if cohort_size > 1:
+            if options.executor == "ray":  # every point left at once, a Ray task per cohort
+                worker.cohort(target, target, per_cohort=cohort_size)
+                duplicates_in_a_row = worker.duplicates
+            elif cohort_size > 1:
                 worker.cohort(cohort_size, target)
                 duplicates_in_a_row = worker.duplicates
             else:
@@ -576,6 +598,15 @@ def run_tune(
     if running:
         options.say(f"tune: nothing left to start here; {running} trial(s) still running in other workers")
     return load_study(out)
+
+
+def _check_executor(options: StudyOptions, sampler: str) -> None:
+    """``--executor ray`` trains the grid's points as Ray tasks; TPE proposes each trial from the ones before it."""
+    from igkd.distill.executor import pick
+
+    pick(options.executor, options.ray_address)
+    if options.executor == "ray" and sampler != "grid":
+        raise IgkdError("--executor ray trains the grid sampler's points on a cluster; for tpe start several workers on one --storage instead (docs/distributed.md)")
 
 
 def _check_optuna_study(study, identity: dict) -> None:
