@@ -310,6 +310,7 @@ def benchmark_latency(
     several (each a separate setting on the CPU); default torch's current count.
     """
     from igkd.deploy.footprint import model_footprint
+    from igkd.models.registry import input_size
     from igkd.provenance import environment
 
     entries, batch_sizes, backends = list(entries), [int(b) for b in batch_sizes], list(backends)
@@ -344,7 +345,7 @@ def benchmark_latency(
             report(f"{backend} {precision} batch {batch_size}: {len(entries)} models, interleaved", done, len(settings))
             runs = [
                 _runner(model, backend=backend, device=device, batch_size=batch_size, session=session,
-                        threads=used, image_size=(32, 32), seed=0)
+                        threads=used, image_size=input_size(model), seed=0)
                 for (model, _), session in zip(entries, sessions)
             ]
             with _inference_context(device, backend, precision):

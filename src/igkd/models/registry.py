@@ -131,6 +131,14 @@ def spec_of(model: nn.Module) -> dict:
     }
 
 
+def input_size(model: nn.Module) -> tuple[int, int]:
+    """(H, W) of the images a model takes: an external model's recorded input shape, 32x32 otherwise."""
+    spec = getattr(model, "igkd_spec", None)
+    if isinstance(spec, dict) and spec.get("arch") == EXTERNAL and min(spec["input_shape"][1:]) > 0:
+        return tuple(spec["input_shape"][1:])
+    return (32, 32)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
