@@ -103,6 +103,11 @@ def parse_arch_args(text: str | dict | None, option: str = "--student-arch-args"
                 values[key] = yaml.safe_load(value) if value.strip() else ""
             except yaml.YAMLError:
                 values[key] = value
+            if isinstance(values[key], str):  # YAML 1.1 reads 1e-3 as text
+                try:
+                    values[key] = float(values[key]) if math.isfinite(float(values[key])) else values[key]
+                except ValueError:
+                    pass
     return check_kwargs(values, option)
 
 
