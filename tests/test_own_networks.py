@@ -239,3 +239,22 @@ def test_arch_args_and_normalize_options(tmp_path):
     assert parse_normalize("0.5,0.5,0.5/0.2,0.2,0.2") == {"mean": [0.5] * 3, "std": [0.2] * 3}
     with pytest.raises(IgkdError, match="use dataset, model, or MEAN/STD"):
         parse_normalize("imagenet")
+
+
+def test_ablation_with_an_external_student_and_teacher(world, capsys):
+    """A study plumbs --student-arch into its runs' configs (part of the study's identity: another student's
+    arguments in the same folder are refused) and rebuilds the external teacher only by the factory named."""
+    tmp = world["tmp"]
+    argv = ["ablation", *world["data"], "--out", str(tmp / "study"), "--methods", "student,kd", "--seeds", "1", "--teacher", str(tmp / "teacher"),
+            "--student-arch", STUDENT, "--student-arch-args", "width=2", "--epochs", "1", "--batch-size", "12", "--val-fraction", "0", "--device", "cpu",
+            "--json"]
+    assert "pass --teacher-arch own_nets:resnet_teacher (or --trust-arch)" in one_error_line(argv, capsys)
+    run([*argv, "--teacher-arch", TEACHER])
+    study = json.loads((tmp / "study" / "study.json").read_text())
+    assert study["students"] == ["external"] and study["configs"]["kd"]["student_arch"] == STUDENT
+    assert study["configs"]["kd"]["student_arch_args"] == {"width": 2}
+    summary = json.loads((tmp / "study" / "runs" / "kd-s0" / "summary.json").read_text())
+    assert summary["config"]["student_arch"] == STUDENT and summary["teacher"]["spec"]["factory"] == TEACHER
+    changed = [*argv, "--trust-arch"]
+    changed[changed.index("width=2")] = "width=3"
+    assert "student_arch_args" in one_error_line(changed, capsys)

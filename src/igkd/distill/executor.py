@@ -120,11 +120,13 @@ def execute(
     on_finished: Callable[[list[Run], list[dict]], None] | None = None,
     time_left: Callable[[], float] | None = None,
     say: Callable[[str], None] = lambda text: None,
+    trusted=None,
 ) -> dict[str, dict]:
     """Train every unfinished run of ``runs`` (resuming interrupted ones); returns summaries by folder.
 
     ``on_finished(runs, summaries)`` is called after each cohort; ``on_epoch_end`` after each epoch of
-    every cohort (e.g. a budget check that may raise to stop).
+    every cohort (e.g. a budget check that may raise to stop). ``trusted``: the factories an external teacher
+    file may be rebuilt by (:func:`igkd.models.load_model`).
     """
     from igkd.devices import resolve_device
 
@@ -137,7 +139,7 @@ def execute(
         return summaries
     device = resolve_device(pending[0].config.device)
     size = cohort_size or default_cohort_size(device)
-    inputs = load_inputs([r.config for r in pending], dataset, teacher_path=teacher_path, attributions_dir=attributions_dir)
+    inputs = load_inputs([r.config for r in pending], dataset, teacher_path=teacher_path, attributions_dir=attributions_dir, trusted=trusted)
     start = {str(r.out): checkpoint_epoch(r) for r in pending}
     clock, done, total = _Clock(), len(runs) - len(pending), len(runs)
     external = [r for r in pending if not fusable(r.config)]

@@ -134,7 +134,8 @@ COHORT_HELP = (
 )
 
 
-def _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size=None):
+def _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size=None,
+             arch: dict | None = None, trusted=None):
     from igkd.devices import parse_device
     from igkd.distill.config import load_yaml
     from igkd.distill.executor import check_cohort_size
@@ -145,7 +146,19 @@ def _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_
         teacher=teacher, attributions=attributions, recipe=recipe, config_values=load_yaml(config) if config else None,
         epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, device=device,
         agreement=agreement, robustness=robustness, progress=not as_json, cohort_size=check_cohort_size(cohort_size),
+        student_arch=arch or None, trusted=trusted,
     )
+
+
+def _arch(student_arch, student_arch_args, student_normalize, teacher_arch, trust_arch, student: str) -> tuple[dict, object, str]:
+    """(config keys of an external student, the factories model files may be rebuilt by, the study's student)."""
+    from igkd.errors import IgkdError
+    from igkd.models import arch_options
+
+    if student_arch is not None and student != "k5":
+        raise IgkdError(f"give the student once: --student {student} (the family) or --student-arch {student_arch}, not both")
+    arch = arch_options.arch_config(student_arch, student_arch_args, student_normalize)
+    return arch, arch_options.trusted(student_arch, teacher_arch, trust=trust_arch), "external" if student_arch else student
 
 
 def _print_study(study: dict, as_json: bool) -> None:
@@ -194,6 +207,11 @@ def _register_studies(app: typer.Typer) -> None:
         methods: str = typer.Option("paper", help="paper (its 8 methods: student,kd,ig,kd_ig,at,kd_at,ig_at,kd_ig_at), all (every method but kd_saliency, which needs a saliency cache: run it by name in a study of its own), or a comma-separated list (igkd methods)."),
         seeds: int = typer.Option(5, help="Seeds 0..N-1 for every method (run r of each method shares seed r: paired)."),
         student: str = typer.Option("k5", help="Student k3 ... k17."),
+        student_arch: Optional[str] = typer.Option(None, "--student-arch", help="An external student: package.module:factory (docs/own-networks.md)."),
+        student_arch_args: Optional[str] = typer.Option(None, "--student-arch-args", help="Keyword arguments of the factory: key=value,... or a .yaml/.json file."),
+        student_normalize: Optional[str] = typer.Option(None, "--student-normalize", help="dataset, model or MEAN/STD (external student)."),
+        teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", help="The factory of an external teacher file."),
+        trust_arch: bool = typer.Option(False, "--trust-arch", help="Rebuild external models from the factories their files name."),
         teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder (needed by kd/ig/at methods)."),
         attributions: Optional[Path] = typer.Option(None, help="IG cache folder from 'igkd attributions compute' (needed by ig methods)."),
         data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
@@ -213,7 +231,9 @@ def _register_studies(app: typer.Typer) -> None:
         from igkd.data import load_dataset
         from igkd.experiments.studies import run_ablation
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
+        arch, trusted, student = _arch(student_arch, student_arch_args, student_normalize, teacher_arch, trust_arch, student)
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size,
+                           arch, trusted)
         study = run_ablation(load_dataset(dataset, data_dir, progress=not as_json), out, methods=methods, seeds=seeds, student=student, options=options)
         _print_study(study, as_json)
 
@@ -226,6 +246,11 @@ def _register_studies(app: typer.Typer) -> None:
         subset: float = typer.Option(0.8, help="Stratified fraction of the training split (minus validation) per run."),
         independent: bool = typer.Option(False, "--independent", help="Draw seed and subset per method and run (the published, unpaired design; Welch)."),
         student: str = typer.Option("k5", help="Student k3 ... k17."),
+        student_arch: Optional[str] = typer.Option(None, "--student-arch", help="An external student: package.module:factory (docs/own-networks.md)."),
+        student_arch_args: Optional[str] = typer.Option(None, "--student-arch-args", help="Keyword arguments of the factory: key=value,... or a .yaml/.json file."),
+        student_normalize: Optional[str] = typer.Option(None, "--student-normalize", help="dataset, model or MEAN/STD (external student)."),
+        teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", help="The factory of an external teacher file."),
+        trust_arch: bool = typer.Option(False, "--trust-arch", help="Rebuild external models from the factories their files name."),
         teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder."),
         attributions: Optional[Path] = typer.Option(None, help="IG cache folder (needed by ig methods)."),
         data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
@@ -245,7 +270,9 @@ def _register_studies(app: typer.Typer) -> None:
         from igkd.data import load_dataset
         from igkd.experiments.studies import run_montecarlo
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
+        arch, trusted, student = _arch(student_arch, student_arch_args, student_normalize, teacher_arch, trust_arch, student)
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size,
+                           arch, trusted)
         study = run_montecarlo(
             load_dataset(dataset, data_dir, progress=not as_json), out, methods=methods, runs=runs, subset=subset, independent=independent,
             student=student, options=options,
@@ -296,6 +323,11 @@ def _register_studies(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Training seed of every trial."),
         sampler_seed: Optional[int] = typer.Option(None, help="Sampler seed (default: --seed); give each TPE worker its own."),
         student: str = typer.Option("k5", help="Student k3 ... k17."),
+        student_arch: Optional[str] = typer.Option(None, "--student-arch", help="An external student: package.module:factory (docs/own-networks.md)."),
+        student_arch_args: Optional[str] = typer.Option(None, "--student-arch-args", help="Keyword arguments of the factory: key=value,... or a .yaml/.json file."),
+        student_normalize: Optional[str] = typer.Option(None, "--student-normalize", help="dataset, model or MEAN/STD (external student)."),
+        teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", help="The factory of an external teacher file."),
+        trust_arch: bool = typer.Option(False, "--trust-arch", help="Rebuild external models from the factories their files name."),
         teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder."),
         attributions: Optional[Path] = typer.Option(None, help="IG cache folder (needed when p > 0)."),
         data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
@@ -315,7 +347,9 @@ def _register_studies(app: typer.Typer) -> None:
         from igkd.data import load_dataset
         from igkd.experiments.tune import run_tune
 
-        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size)
+        arch, trusted, student = _arch(student_arch, student_arch_args, student_normalize, teacher_arch, trust_arch, student)
+        options = _options(teacher, attributions, recipe, config, epochs, batch_size, lr, val_fraction, device, agreement, robustness, as_json, cohort_size,
+                           arch, trusted)
         study = run_tune(
             load_dataset(dataset, data_dir, progress=not as_json), out, method=method, params=params, sampler=sampler, trials=trials,
             grid_file=grid_file, storage=storage, study_name=study_name, seed=seed, sampler_seed=sampler_seed, student=student, options=options,

@@ -83,6 +83,8 @@ class StudyOptions:
     on_epoch_end: Callable[[int, dict], None] | None = None  # called after each epoch's checkpoint (igkd reproduce's budget)
     cohort_size: int | None = None  # runs trained as one fused network; None: 1 on CPU, as many as fit on CUDA
     time_left: Callable[[], float] | None = None  # seconds left; cohorts are sized to finish inside it
+    student_arch: dict | None = None  # an external student: config keys student_arch, student_arch_args, student_normalize
+    trusted: object = None  # the factories model files may be rebuilt by (igkd.models.load_model's trusted)
 
     def config(self, method: str, student: str, seed: int, subset: float = 1.0, subset_seed: int | None = None, **overrides):
         values = dict(self.config_values or {})
@@ -105,6 +107,7 @@ class StudyOptions:
             lr=self.lr,
             val_fraction=self.val_fraction,
             device=self.device,
+            **(self.student_arch or {}),
             **overrides,
         )
 
@@ -169,10 +172,13 @@ def now() -> str:
 
 def config_identity(config) -> dict:
     values = json.loads(json.dumps(config.to_dict()))
+    if values.get("student_arch") is None:  # a family student: the identity studies have always recorded
+        for key in ("student_arch", "student_arch_args", "student_normalize"):
+            values.pop(key, None)
     return {k: v for k, v in values.items() if k not in NOT_IDENTITY}
 
 
-def teacher_record(path: str | Path | None, dataset) -> dict | None:
+def teacher_record(path: str | Path | None, dataset, trusted=None) -> dict | None:
     """path, sha256, params and model name of the teacher file (checked against the dataset's classes)."""
     if path is None:
         return None
@@ -181,7 +187,7 @@ def teacher_record(path: str | Path | None, dataset) -> dict | None:
     from igkd.provenance import sha256_file
 
     path = resolve_checkpoint(path)
-    model, meta = load_model(path)
+    model, meta = load_model(path, trusted=trusted, option="--teacher-arch")
     if model.num_classes != dataset.num_classes:
         raise IgkdError(f"teacher {path} predicts {model.num_classes} classes but dataset {dataset.name} has {dataset.num_classes}")
     return {"path": str(path.resolve()), "sha256": sha256_file(path), "params": count_parameters(model), "model": meta["spec"]["name"]}
@@ -206,7 +212,7 @@ def attributions_record(path: str | Path | None, teacher: dict | None, dataset) 
 
 def input_records(options: StudyOptions, dataset, configs: dict) -> tuple[dict | None, dict | None]:
     """The teacher and IG-cache records of a study (the cache is required when a config overlays maps)."""
-    teacher = teacher_record(options.teacher, dataset)
+    teacher = teacher_record(options.teacher, dataset, options.trusted)
     needs_maps = any(c.p > 0 for c in configs.values())
     attributions = attributions_record(options.attributions, teacher, dataset) if options.attributions is not None or needs_maps else None
     if needs_maps and attributions is not None:
@@ -233,9 +239,15 @@ def dataset_record(dataset) -> dict:
     return {"name": dataset.name, "fingerprint": dataset.fingerprint, "train": len(dataset.train), "test": len(dataset.test), "classes": list(dataset.classes)}
 
 
-def _student_params(student: str, dataset, width: float) -> int:
+def _student_params(student: str, dataset, width: float, config=None) -> int:
+    """Parameters of a family student, or of the external one ``config`` names (student ``external``)."""
     from igkd.models import build_model, count_parameters
 
+    if student == "external":
+        from igkd.models.external import build_external
+
+        return count_parameters(build_external(config.student_arch, config.student_arch_args, dataset.num_classes,
+                                               input_shape=tuple(dataset.train.images.shape[1:])))
     return count_parameters(build_model(student, num_classes=dataset.num_classes, width=width))
 
 
@@ -435,7 +447,7 @@ def add_extras(run_dir: Path, dataset, teacher: dict | None, options: StudyOptio
             from igkd.models import load_model
 
             device = resolve_device(options.device)
-            model, _ = load_model(run_dir / "model.safetensors")
+            model, _ = load_model(run_dir / "model.safetensors", trusted=options.trusted)
             from igkd.evaluate.robustness import evaluate_robustness
 
             result = evaluate_robustness(model.to(device), dataset, options.robustness, device=device)
@@ -495,7 +507,7 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
         runs, dataset,
         teacher_path=teacher["path"] if teacher else None,
         attributions_dir=attributions["path"] if attributions else None,
-        cohort_size=options.cohort_size, progress=options.progress, on_epoch_end=options.on_epoch_end,
+        cohort_size=options.cohort_size, progress=options.progress, on_epoch_end=options.on_epoch_end, trusted=options.trusted,
         on_finished=finished, time_left=options.time_left,
         say=lambda text: say(options, f"[bold]study {study['kind']}:[/bold] {text}"),
     )
@@ -555,7 +567,7 @@ def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: floa
     check_inputs(all_configs, options, teacher, attributions)
     reference, reference_source = _reference_params(teacher, dataset)
     width = all_configs[study["methods"][0]].width
-    params = {s: _student_params(s, dataset, width) for s in study["students"]}
+    params = {s: _student_params(s, dataset, width, all_configs[study["methods"][0]]) for s in study["students"]}
     study["cf_reference"] = {"params": reference, "source": reference_source}
     study["plan"] = build_plan(kind, study["methods"], study["students"], study["runs"], subset, independent, params, reference)
     out.mkdir(parents=True, exist_ok=True)
@@ -606,6 +618,9 @@ def run_sweep(dataset, out, *, students="all", methods="student,kd_ig", seeds: i
 
 
 def one_student(student: str) -> list[str]:
+    """The one student of an ablation, Monte Carlo or tune study: a family name, or ``external`` (--student-arch)."""
+    if str(student).strip().lower() == "external":
+        return ["external"]
     students = parse_students(student)
     if len(students) != 1:
         raise IgkdError(f"this study trains one student, got {', '.join(students)}: use igkd sweep-cf for several")
