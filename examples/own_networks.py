@@ -58,7 +58,7 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """stem -> residual stages (each after the first halves the resolution, doubles the width) -> pool -> linear."""
 
-    def __init__(self, num_classes: int = 10, width: int = 16, stages: int = 3):
+    def __init__(self, num_classes: int = 10, width: int = 8, stages: int = 3):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         blocks, ch = [], width
@@ -72,7 +72,7 @@ class ResNet(nn.Module):
         return self.head(self.layers(self.stem(x)))
 
 
-def resnet_teacher(num_classes: int = 10, width: int = 16, stages: int = 3) -> nn.Module:
+def resnet_teacher(num_classes: int = 10, width: int = 8, stages: int = 3) -> nn.Module:
     return ResNet(num_classes, width, stages)
 
 
@@ -87,7 +87,7 @@ def separable(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
 class SeparableNet(nn.Module):
     """A small student of another family: a stem and depthwise-separable blocks."""
 
-    def __init__(self, num_classes: int = 10, width: int = 16):
+    def __init__(self, num_classes: int = 10, width: int = 6):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.blocks = nn.Sequential(separable(width, 2 * width, 2), separable(2 * width, 4 * width, 2))
@@ -97,7 +97,7 @@ class SeparableNet(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def separable_student(num_classes: int = 10, width: int = 16) -> nn.Module:
+def separable_student(num_classes: int = 10, width: int = 6) -> nn.Module:
     return SeparableNet(num_classes, width)
 
 
@@ -106,9 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, help="An image folder (train/<class>/, test/<class>/); default: the offline digits set.")
     parser.add_argument("--out", type=Path, default=Path("own-networks-run"), help="Folder for the runs, the IG cache and the exported files.")
-    parser.add_argument("--teacher-epochs", type=int, default=15)
-    parser.add_argument("--epochs", type=int, default=15, help="Epochs of each student.")
-    parser.add_argument("--ig-steps", type=int, default=16, help="Integration steps of the IG maps.")
+    parser.add_argument("--teacher-epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=8, help="Epochs of each student.")
+    parser.add_argument("--ig-steps", type=int, default=8, help="Integration steps of the IG maps.")
     args = parser.parse_args()
 
     from igkd.attribution import compute_attributions

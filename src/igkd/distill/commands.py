@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
         cfg = resolve_config(
             method, recipe, load_yaml(config) if config else None,
             **arch_options.arch_config(student_arch, student_arch_args, student_normalize),
-            student="external" if student_arch else (student or ("k5" if config is None else None)), seed=seed, subset=subset, subset_seed=subset_seed, epochs=epochs, batch_size=batch_size,
+            student="external" if student_arch else (student or "k5"), seed=seed, subset=subset, subset_seed=subset_seed, epochs=epochs, batch_size=batch_size,
             lr=lr, alpha=alpha, temperature=temperature, p=p, gamma=gamma, at_teacher_layer=at_teacher_layer,
             at_student_layer=at_student_layer, logit_loss=logit_loss, logit_std=logit_std, overlay_maps=overlay_maps, mix=mix, width=width, val_fraction=val_fraction, device=device, compile=compile or None,
             cpu_bf16=cpu_bf16,
