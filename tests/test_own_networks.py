@@ -241,6 +241,15 @@ def test_arch_args_and_normalize_options(tmp_path):
         parse_normalize("imagenet")
 
 
+
+def test_a_module_igkd_did_not_build_is_not_saved_without_its_spec(tmp_path):
+    from igkd.models import save_model
+
+    with pytest.raises(IgkdError, match="not built by igkd has no spec to record"):
+        save_model(tmp_path / "raw.safetensors", own_nets.separable_student(CLASSES, width=2))
+    assert not (tmp_path / "raw.safetensors").exists()
+
+
 def test_ablation_with_an_external_student_and_teacher(world, capsys):
     """A study plumbs --student-arch into its runs' configs (part of the study's identity: another student's
     arguments in the same folder are refused) and rebuilds the external teacher only by the factory named."""

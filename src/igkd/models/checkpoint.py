@@ -41,7 +41,11 @@ def save_model(path: str | Path, model: MobileNetV2CIFAR, meta: dict | None = No
         if dtype is not None and value.is_floating_point() and not key.startswith("normalize."):
             value = value.to(dtype)
         state[key] = value
-    metadata = {"igkd_spec": json.dumps(spec_of(model)), "igkd_meta": json.dumps(meta or {}, default=str)}
+    spec = spec_of(model)
+    if is_external(spec) and (min(spec["input_shape"][1:]) < 1 or spec["num_classes"] < 1):
+        raise IgkdError(f"a {type(model).__name__} not built by igkd has no spec to record (input shape, classes): build it with "
+                        "igkd.models.external.build_external(factory, kwargs, num_classes, input_shape=...) so that its file can be rebuilt")
+    metadata = {"igkd_spec": json.dumps(spec), "igkd_meta": json.dumps(meta or {}, default=str)}
     atomic_write_bytes(path, canonical_safetensors(save(state, metadata=metadata)))
 
 
