@@ -79,10 +79,22 @@ def unit_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.div(255)
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def prepare_model(model: torch.nn.Module, device: torch.device, memory_format: torch.memory_format = torch.channels_last) -> torch.nn.Module:
     """Move to device in channels_last layout: faster convolutions on CUDA (tensor cores), and on
     the CPU for training too (benchmarks/train_throughput.py times igkd's step in this layout)."""
-    return model.to(device).to(memory_format=torch.channels_last)
+    return model.to(device).to(memory_format=memory_format)
+
+
+def training_layout(models, device: torch.device) -> torch.memory_format:
+    """The memory layout a student trains in: channels_last for the MobileNetV2 family and on CUDA; on the CPU an
+    external architecture trains in the plain layout, because oneDNN (torch 2.13 CPU, AVX-512) crashes with a
+    segmentation fault in the weight gradient of a channels_last 1x1 stride-2 convolution (a ResNet's shortcut)
+    on inputs of 48x48 and up (docs/own-networks.md)."""
+    from igkd.models.mobilenetv2 import MobileNetV2CIFAR
+
+    if device.type == "cuda" or all(isinstance(m, MobileNetV2CIFAR) for m in models):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:

@@ -195,7 +195,20 @@ def _identity(model, dataset, split, n, height, width, method, params, reduction
         **params,
         "reduction": reduction,
         "target": target,
+        **_architecture(model),
     }
+
+
+def _architecture(model) -> dict:
+    """An external teacher's architecture as the cache records it (factory, arguments, normalisation), beside its
+    weights' sha256; nothing for the family's models, whose caches keep the fields they always had."""
+    from igkd.models.external import is_external
+    from igkd.models.registry import spec_of
+
+    spec = spec_of(model)
+    if not is_external(spec):
+        return {}
+    return {"teacher_arch": {k: spec[k] for k in ("factory", "kwargs", "normalize", "input_shape")}}
 
 
 def _chunk_stats(values: torch.Tensor, delta: torch.Tensor | None) -> dict | None:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from igkd.errors import IgkdError
+from igkd.models import arch_options
 
 DATASET_HELP = "Dataset name: cifar10, folder, digits or imagenet32-cifar."
 
@@ -35,6 +36,8 @@ def register(app: typer.Typer) -> None:
     @attributions.command("compute")
     def compute_command(
         teacher: Path = typer.Option(..., help="Teacher model file (or a run folder with model.safetensors)."),
+        teacher_arch: Optional[str] = arch_options.teacher_arch(),
+        trust_arch: bool = arch_options.trust_arch(),
         dataset: str = typer.Option(..., help=DATASET_HELP),
         out: Path = typer.Option(..., help="Cache folder (maps.npy + manifest.json)."),
         data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
@@ -66,7 +69,7 @@ def register(app: typer.Typer) -> None:
             raise IgkdError(f"--max-batch must be at least 1 (samples per forward/backward pass), got {max_batch}; or leave it out for the device default")
         if out.exists() and not out.is_dir():
             raise IgkdError(f"--out {out} is a file: give a folder for the cache")
-        model, teacher_info = load_teacher(teacher)  # a model file or a run folder; sha256 of the file
+        model, teacher_info = load_teacher(teacher, arch_options.trusted(teacher_arch, trust=trust_arch))  # a model file or a run folder; sha256 of the file
         data = load_dataset(dataset, data_dir, progress=not as_json)
         options = {}
         if samples is not None:

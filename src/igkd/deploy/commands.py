@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from igkd.models import arch_options
+
 from igkd.errors import IgkdError
 
 
@@ -69,7 +71,7 @@ def _print_latency_tables(results: dict) -> None:
     for row in results["models"]:
         sizes = row["size_bytes"]
         footprint.add_row(
-            row["label"], f"{row['params']:,}", f"{row['cf']:.2f}", f"{row['macs']:,}",
+            row["label"], f"{row['params']:,}", '-' if row['cf'] is None else f"{row['cf']:.2f}", f"{row['macs']:,}",
             *(f"{sizes[d] / 1024:,.1f}" for d in ("fp32", "fp16", "int8")),
         )
     console.print(footprint)
@@ -113,6 +115,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
         out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON results to this file."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Write a latency-vs-CF PNG here."),
+        student_arch: Optional[str] = arch_options.student_arch(),
+        teacher_arch: Optional[str] = arch_options.teacher_arch(),
+        trust_arch: bool = arch_options.trust_arch(),
     ) -> None:
         """Latency (median, p90, first call, load; >= 20 warmed-up calls), file size, parameters, MACs, CF, speed-up."""
         import torch
@@ -146,7 +151,7 @@ def register(app: typer.Typer) -> None:
             entries.append((build_model(name), RANDOM_INIT))
         for checkpoint in checkpoints or []:
             checkpoint = resolve_checkpoint(checkpoint)  # a model file, or a run folder's model.safetensors
-            entries.append((load_model(checkpoint)[0], str(checkpoint)))
+            entries.append((load_model(checkpoint, trusted=arch_options.trusted(student_arch, teacher_arch, trust=trust_arch))[0], str(checkpoint)))
         with _progress(True) as progress:
             task = progress.add_task("measuring", total=None)
 
@@ -184,6 +189,9 @@ def register(app: typer.Typer) -> None:
         max_drop: float = typer.Option(1.0, "--max-drop", help="int8: refuse to write if test accuracy drops more than this many points."),
         force: bool = typer.Option(False, "--force", help="int8: write even if accuracy dropped more than --max-drop."),
         seed: int = typer.Option(0, "--seed", help="int8: seed of the calibration subset."),
+        student_arch: Optional[str] = arch_options.student_arch(),
+        teacher_arch: Optional[str] = arch_options.teacher_arch(),
+        trust_arch: bool = arch_options.trust_arch(),
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     ) -> None:
         """Export a model to ONNX, TorchScript, ExecuTorch (XNNPACK) or LiteRT; refuses to write on a parity failure."""
@@ -211,7 +219,7 @@ def register(app: typer.Typer) -> None:
         checkpoint = resolve_checkpoint(checkpoint)  # a model file, or a run folder's model.safetensors
         suffix = (".int8" if int8 else "") + SUFFIXES[fmt]
         out = check_destination(out or checkpoint.with_name(checkpoint.stem + suffix))
-        model, meta = load_model(checkpoint)
+        model, meta = load_model(checkpoint, trusted=arch_options.trusted(student_arch, teacher_arch, trust=trust_arch))
         batch, batch_source, classes, data = None, None, _classes_from_meta(meta), None
         if dataset is not None:
             data = load_dataset(dataset, data_dir, progress=not as_json)
@@ -271,6 +279,9 @@ def register(app: typer.Typer) -> None:
         repeats: int = typer.Option(20, "--repeats", help="Timed calls per latency figure (at least 20)."),
         warmup: int = typer.Option(5, "--warmup", help="Untimed calls before timing."),
         seed: int = typer.Option(0, "--seed", help="Seed of the calibration subset."),
+        student_arch: Optional[str] = arch_options.student_arch(),
+        teacher_arch: Optional[str] = arch_options.teacher_arch(),
+        trust_arch: bool = arch_options.trust_arch(),
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     ) -> None:
         """int8 post-training static quantisation (ONNX Runtime, QDQ, per-channel), with its accuracy and speed cost."""
@@ -288,7 +299,7 @@ def register(app: typer.Typer) -> None:
         check_counts(repeats, warmup)
         checkpoint = resolve_checkpoint(checkpoint)  # a model file, or a run folder's model.safetensors
         out = check_destination(out or checkpoint.with_suffix(".int8.onnx"))
-        model, meta = load_model(checkpoint)
+        model, meta = load_model(checkpoint, trusted=arch_options.trusted(student_arch, teacher_arch, trust=trust_arch))
         data = load_dataset(dataset, data_dir, progress=not as_json)
         with _progress(False) as progress:
             task = progress.add_task("quantising")

@@ -41,6 +41,7 @@ import torch
 from igkd.atomic import atomic_write_bytes
 from igkd.errors import IgkdError
 from igkd.models import spec_of
+from igkd.models.registry import input_size
 
 FORMATS = ("onnx", "torchscript", "executorch", "litert")
 SIDECAR_FORMATS = ("executorch", "litert")  # metadata written beside the file, <file>.json
@@ -92,15 +93,16 @@ def as_pixels(batch: torch.Tensor) -> torch.Tensor:
 def input_metadata(model: torch.nn.Module, image_size: tuple[int, int], classes=None) -> dict[str, str]:
     """What a user of the exported file must know about its input and output."""
     spec = spec_of(model)
+    normalize = spec["normalize"] if spec["arch"] == "external" else {"mean": spec["mean"], "std": spec["std"]}
     meta = {
         "input_name": INPUT_NAME,
         "input_layout": "NCHW",
         "input_shape": f"[batch, 3, {image_size[0]}, {image_size[1]}]",
         "input_dtype": "float32",
         "input_range": "[0, 1]: RGB pixel values divided by 255",
-        "normalization": "inside the graph: (x - mean) / std per channel; do not normalise the input",
-        "mean": json.dumps(spec["mean"]),
-        "std": json.dumps(spec["std"]),
+        "normalization": "inside the graph: (x - mean) / std per channel; do not normalise the input" if normalize != "model"
+        else "inside the graph (the model's own): do not normalise the input",
+        **({"mean": json.dumps(normalize["mean"]), "std": json.dumps(normalize["std"])} if normalize != "model" else {}),
         "output_name": OUTPUT_NAME,
         "output": f"logits [batch, {spec['num_classes']}] (apply softmax for probabilities)",
         "igkd_spec": json.dumps(spec),
@@ -233,7 +235,7 @@ def export_bytes(
         raise IgkdError(f"--batch-size must be >= 1 (got {batch_size})")
     model = copy.deepcopy(model).cpu().float().eval()
     if batch is None:
-        batch, batch_source = random_batch(), f"deterministic random batch of {PARITY_BATCH} (uniform [0, 1], seed 0)"
+        batch, batch_source = random_batch(input_size(model)), f"deterministic random batch of {PARITY_BATCH} (uniform [0, 1], seed 0)"
     batch = as_pixels(batch)
     image_size = tuple(batch.shape[-2:])
     props = {**input_metadata(model, image_size, classes), **{k: str(v) for k, v in (metadata or {}).items()}}

@@ -20,6 +20,7 @@ import functools
 from torch import nn
 
 from igkd.models import build_model, count_macs, count_parameters, spec_of
+from igkd.models.registry import input_size
 
 
 def state_dict_bytes(model: nn.Module) -> dict[str, int]:
@@ -48,9 +49,13 @@ def _teacher_parameters(num_classes: int, width: float) -> int:
 
 
 def model_footprint(model: nn.Module) -> dict:
-    """Name, k, parameters, MACs (one 32x32 image), CF vs the family's teacher, sizes in bytes."""
+    """Name, k, parameters, MACs (one 32x32 image), CF vs the family's teacher, sizes in bytes. An external
+    model: k and CF None (it has no place in the family), MACs on one image of its input size."""
     spec = spec_of(model)
     params = count_parameters(model)
+    if spec["arch"] == "external":
+        return {"name": spec["name"], "k": None, "params": params, "macs": count_macs(model, input_size(model)), "cf": None,
+                "size_bytes": state_dict_bytes(model)}
     return {
         "name": spec["name"],
         "k": spec["k"],

@@ -314,6 +314,8 @@ def benchmark_latency(
     ``progress(description, done, total)`` is called before each step. ``threads``: one count or
     several (each a separate setting on the CPU); default torch's current count.
     """
+    from igkd.models.registry import input_size
+
     entries, batch_sizes, backends = list(entries), [int(b) for b in batch_sizes], list(backends)
     check_counts(repeats, warmup, batch_sizes)
     device = resolve_device(str(device))
@@ -344,7 +346,7 @@ def benchmark_latency(
             report(f"{backend} {precision} batch {batch_size}: {len(entries)} models, interleaved", done, len(settings))
             runs = [
                 _runner(model, backend=backend, device=device, batch_size=batch_size, session=session,
-                        threads=used, image_size=(32, 32), seed=0)
+                        threads=used, image_size=input_size(model), seed=0)
                 for (model, _), session in zip(entries, sessions)
             ]
             with _inference_context(device, backend, precision):

@@ -65,13 +65,14 @@ def prepare(
     batch_size: int,
     *,
     threads: int,
-    image_size=(32, 32),
+    image_size=None,
     precision: str = "fp32",
     calibration: torch.Tensor | None = None,
     data: bytes | None = None,
 ) -> Prepared:
     """The file for ``backend`` (export / conversion, parity-checked) and its loader at ``threads`` threads.
 
+    ``image_size``: (H, W) of the input, by default the model's (:func:`igkd.models.registry.input_size`).
     ``precision`` int8 needs ``calibration`` images for executorch / litert; for onnxruntime pass the
     int8 file as ``data`` (from ``igkd quantize``). ``data`` reuses a file made earlier.
     """
@@ -81,6 +82,10 @@ def prepare(
         raise IgkdError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
     if backend != "eager":
         require(backend)
+    if image_size is None:
+        from igkd.models.registry import input_size
+
+        image_size = input_size(model)
     x = _fixed_input(batch_size, image_size)
     if backend == "eager":
         return _prepare_eager(model, x, threads, precision)
@@ -118,6 +123,8 @@ def _prepare_eager(model: torch.nn.Module, x: torch.Tensor, threads: int, precis
     from safetensors.torch import load as load_safetensors
     from safetensors.torch import save as save_safetensors
 
+    import copy
+
     from igkd.devices import prepare_model
     from igkd.models import build_model, spec_of
 
@@ -128,7 +135,7 @@ def _prepare_eager(model: torch.nn.Module, x: torch.Tensor, threads: int, precis
     data = save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()})
 
     def load():
-        net = build_model(spec)
+        net = build_model(spec) if spec["arch"] != "external" else copy.deepcopy(model)  # an external one: its own structure
         net.load_state_dict(load_safetensors(data))
         net = prepare_model(net.eval(), torch.device("cpu"))
         batch = x.contiguous(memory_format=torch.channels_last)  # the layout prepare_model gives the weights

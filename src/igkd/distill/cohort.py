@@ -16,7 +16,14 @@ COHORT_SHARED = (
     "student", "width", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_fraction",
     "warmup_epochs", "epochs", "batch_size", "augment", "pad", "val_fraction", "split_seed", "subset", "device", "amp", "cpu_bf16",
     "compile", "eval_batch_size", "bn_recalibration_images", "at_teacher_layer", "at_student_layer", "at_divider",
+    "student_arch", "student_arch_args", "student_normalize",
 )
+
+
+def fusable(config: TrainConfig) -> bool:
+    """Whether the run's student can be fused into a cohort: the MobileNetV2 family only
+    (:data:`igkd.models.fused.FUSED_LAYERS`); an external architecture trains run by run."""
+    return config.student_arch is None and config.student != "external"
 
 
 def cohort_key(config: TrainConfig) -> tuple:

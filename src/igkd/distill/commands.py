@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from igkd.models import arch_options
+
 DATASET_HELP = "Dataset name: digits (offline), cifar10, folder, imagenet32-cifar."
 
 
@@ -36,6 +38,9 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None),
         lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
         width: Optional[float] = typer.Option(None, help="Width multiplier of MobileNetV2."),
+        teacher_arch: Optional[str] = arch_options.teacher_arch(),
+        teacher_arch_args: Optional[str] = arch_options.teacher_arch_args(),
+        teacher_normalize: Optional[str] = typer.Option(None, "--teacher-normalize", help=arch_options.NORMALIZE_HELP),
         label_smoothing: Optional[float] = typer.Option(None),
         val_fraction: Optional[float] = typer.Option(None, help="Part of train held out for validation."),
         seed: int = typer.Option(0),
@@ -45,13 +50,14 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
-        """Train the MobileNetV2-CIFAR teacher (SGD + Nesterov, warm-up + cosine, label smoothing)."""
+        """Train the MobileNetV2-CIFAR teacher, or any architecture (--teacher-arch) (SGD + Nesterov, warm-up + cosine, label smoothing)."""
         from igkd.data import load_dataset
         from igkd.distill.config import load_yaml, resolve_config
         from igkd.distill.run import run_training
 
         cfg = resolve_config(
             "student", "teacher", load_yaml(config) if config else None,
+            **arch_options.arch_config(teacher_arch, teacher_arch_args, teacher_normalize, "--teacher-arch"),
             student="teacher", epochs=epochs, batch_size=batch_size, lr=lr, width=width,
             label_smoothing=label_smoothing, val_fraction=val_fraction, seed=seed, device=device, compile=compile or None,
         )
@@ -65,7 +71,12 @@ def register(app: typer.Typer) -> None:
         dataset: str = typer.Option(..., help=DATASET_HELP),
         out: Path = typer.Option(..., help="Run folder (created)."),
         teacher: Optional[Path] = typer.Option(None, help="Teacher model file or run folder (needed by kd/ig/at)."),
-        student: str = typer.Option("k5", help="Student: k3, k5, ..., k17 (modules removed)."),
+        student: Optional[str] = typer.Option(None, help="Student: k3, k5 (default), ..., k17 (modules removed)."),
+        student_arch: Optional[str] = arch_options.student_arch(),
+        student_arch_args: Optional[str] = arch_options.student_arch_args(),
+        student_normalize: Optional[str] = arch_options.student_normalize(),
+        teacher_arch: Optional[str] = arch_options.teacher_arch(),
+        trust_arch: bool = arch_options.trust_arch(),
         attributions: Optional[Path] = typer.Option(None, help="IG cache folder from 'igkd attributions compute'."),
         data_dir: Optional[Path] = typer.Option(None, help="Dataset folder or archive."),
         recipe: str = typer.Option("paper", help="paper (Adam 1e-3, 100 epochs, batch 64) or improved."),
@@ -98,19 +109,22 @@ def register(app: typer.Typer) -> None:
         from igkd.data import load_dataset
         from igkd.distill.config import load_yaml, resolve_config
         from igkd.distill.run import run_training
+        from igkd.errors import IgkdError
         from igkd.models import parse_model_name
 
-        if parse_model_name(student) == 0:
-            from igkd.errors import IgkdError
-
+        if student_arch is not None and student is not None:
+            raise IgkdError(f"give the student once: --student {student} (the family) or --student-arch {student_arch}, not both")
+        if student_arch is None and parse_model_name(student or "k5") == 0:
             raise IgkdError("--student must be a student of the family (k3 ... k17); train the teacher with 'igkd train-teacher'")
         cfg = resolve_config(
             method, recipe, load_yaml(config) if config else None,
-            student=student, seed=seed, subset=subset, subset_seed=subset_seed, epochs=epochs, batch_size=batch_size,
+            **arch_options.arch_config(student_arch, student_arch_args, student_normalize),
+            student="external" if student_arch else (student or "k5"), seed=seed, subset=subset, subset_seed=subset_seed, epochs=epochs, batch_size=batch_size,
             lr=lr, alpha=alpha, temperature=temperature, p=p, gamma=gamma, at_teacher_layer=at_teacher_layer,
             at_student_layer=at_student_layer, logit_loss=logit_loss, logit_std=logit_std, overlay_maps=overlay_maps, mix=mix, width=width, val_fraction=val_fraction, device=device, compile=compile or None,
             cpu_bf16=cpu_bf16,
         )
         data = load_dataset(dataset, data_dir)
-        summary = run_training(cfg, data, out, teacher_path=teacher, attributions_dir=attributions, resume=resume, progress=not as_json)
+        summary = run_training(cfg, data, out, teacher_path=teacher, attributions_dir=attributions, resume=resume, progress=not as_json,
+                               trusted=arch_options.trusted(teacher_arch, trust=trust_arch))
         _print_summary(summary, out, as_json)

@@ -94,8 +94,13 @@ RECIPES: dict[str, dict] = {
 class TrainConfig:
     method: str = "student"
     recipe: str = "paper"
-    student: str = "k5"
+    student: str = "k5"  # the family's name (teacher, k3 ... k17), or "external" (student_arch or a Python factory)
     width: float = 1.0
+    # an external architecture (igkd.models.external): package.module:factory, its keyword arguments and its
+    # input normalisation (dataset: the training images' statistics, or the teacher's; model; or MEAN/STD)
+    student_arch: str | None = None
+    student_arch_args: dict = field(default_factory=dict)
+    student_normalize: str = "dataset"
     # optimisation (from the recipe unless overridden)
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -303,6 +308,9 @@ CONDITIONAL_KEYS: dict[str, tuple] = {
     **{key: (lambda c: c.gamma > 0, "attention transfer (gamma > 0)") for key in ("at_teacher_layer", "at_student_layer", "at_divider")},
     **{key: (lambda c: c.optimizer == "sgd", "optimizer sgd") for key in ("momentum", "nesterov")},
     "subset_seed": (lambda c: c.subset < 1, "a Monte Carlo subset (subset < 1)"),
+    **{key: (lambda c: c.student_arch is not None or c.student == "external", "an external architecture (student_arch)")
+       for key in ("student_arch_args", "student_normalize")},
+    "width": (lambda c: c.student_arch is None and c.student != "external", "a student of the MobileNetV2 family (not an external architecture)"),
     "cpu_bf16": (lambda c: c.cpu_bf16 != "teacher" or c.uses_teacher, "a teacher term (KD, DKD, DIST or attention); cpu_bf16 all also covers the student"),
     # the warm-up lasts min(warmup_fraction * epochs, warmup_epochs) epochs: either at 0 turns it off (and
     # setting one to 0 says so, whatever the other is)
@@ -374,6 +382,25 @@ def validate(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise IgkdError(message)
+    validate_architecture(config)
     from igkd.devices import parse_device
 
     parse_device(config.device)  # one line for a device igkd cannot use, before any data is loaded
+
+
+def validate_architecture(config: TrainConfig) -> None:
+    """``student``: a family name, or ``external`` with ``student_arch`` (or a Python factory given to the
+    Trainer); ``student_arch`` also with ``teacher`` (training an external teacher); its arguments and
+    normalisation well-formed."""
+    from igkd.models.external import check_kwargs, check_ref, parse_normalize
+
+    if config.student_arch is not None:
+        if config.student not in ("teacher", "external"):
+            raise IgkdError(f"student_arch {config.student_arch!r} names an external architecture, but student is {config.student!r}: set student to external (or leave it out)")
+        check_ref(config.student_arch, "student_arch")
+    elif config.student != "external":
+        from igkd.models import parse_model_name
+
+        parse_model_name(config.student)
+    check_kwargs(config.student_arch_args, "student_arch_args")
+    parse_normalize(config.student_normalize, "student_normalize")

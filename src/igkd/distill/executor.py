@@ -8,6 +8,9 @@ cohort resumes as one), and trains each cohort with the one training loop
 (:func:`igkd.distill.loop.train_cohort`). Cohorts are formed in plan order: the first unfinished
 run and the next runs that fit with it, so a study stopped half-way stays balanced.
 
+Only the MobileNetV2 family fuses (:data:`igkd.models.fused.FUSED_LAYERS`): runs of an external architecture
+train run by run whatever the cohort size, which is said in one line.
+
 Cohort size: ``None`` = 1 on the CPU (fusion does not pay there, docs/cohort.md) and all runs that
 fit together on CUDA, halved on out-of-memory; 1 turns cohorts off. With ``time_left``, the
 executor measures each cohort's epochs and, before starting the next cohort, picks the largest
@@ -25,11 +28,12 @@ from typing import Callable
 import torch
 
 from igkd.distill.config import TrainConfig
-from igkd.distill.cohort import cohort_key
+from igkd.distill.cohort import cohort_key, fusable
 from igkd.distill.loop import train_cohort
 from igkd.distill.run_folder import SUMMARY, read_summary, resume_checkpoint
 from igkd.distill.run import load_inputs, refuse_foreign_folder
 from igkd.errors import IgkdError
+from igkd.models.fused import FUSED_LAYERS
 
 #: Upper bound of the default cohort on CUDA (HFTA measured gains up to about this width for small models).
 CUDA_DEFAULT_SIZE = 40
@@ -116,11 +120,13 @@ def execute(
     on_finished: Callable[[list[Run], list[dict]], None] | None = None,
     time_left: Callable[[], float] | None = None,
     say: Callable[[str], None] = lambda text: None,
+    trusted=None,
 ) -> dict[str, dict]:
     """Train every unfinished run of ``runs`` (resuming interrupted ones); returns summaries by folder.
 
     ``on_finished(runs, summaries)`` is called after each cohort; ``on_epoch_end`` after each epoch of
-    every cohort (e.g. a budget check that may raise to stop).
+    every cohort (e.g. a budget check that may raise to stop). ``trusted``: the factories an external teacher
+    file may be rebuilt by (:func:`igkd.models.load_model`).
     """
     from igkd.devices import resolve_device
 
@@ -133,15 +139,19 @@ def execute(
         return summaries
     device = resolve_device(pending[0].config.device)
     size = cohort_size or default_cohort_size(device)
-    inputs = load_inputs([r.config for r in pending], dataset, teacher_path=teacher_path, attributions_dir=attributions_dir)
+    inputs = load_inputs([r.config for r in pending], dataset, teacher_path=teacher_path, attributions_dir=attributions_dir, trusted=trusted)
     start = {str(r.out): checkpoint_epoch(r) for r in pending}
     clock, done, total = _Clock(), len(runs) - len(pending), len(runs)
+    external = [r for r in pending if not fusable(r.config)]
+    if external and size > 1:
+        say(f"{len(external)} run(s) of an external architecture train run by run: cohorts fuse only the MobileNetV2 family "
+            f"(igkd.models.fused: {', '.join(FUSED_LAYERS)}), not a cohort of {size}")
     while pending:
         head = pending[0]
         key = cohort_key(head.config)
         fits = [r for r in pending if cohort_key(r.config) == key and start[str(r.out)] == start[str(head.out)]]
         epochs = head.config.epochs - start[str(head.out)]
-        G = _size_for_time(clock, key, min(size, len(fits)), epochs, time_left, head)
+        G = _size_for_time(clock, key, min(size if fusable(head.config) else 1, len(fits)), epochs, time_left, head)
         cohort = fits[:G]
         resumed = " (resuming)" if start[str(head.out)] else ""
         names = ", ".join(r.label for r in cohort)

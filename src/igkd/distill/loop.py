@@ -29,7 +29,7 @@ from torch import nn
 from igkd.atomic import append_jsonl, atomic_write_json
 from igkd.data.dataset import Dataset
 from igkd.data.loader import DeviceLoader
-from igkd.devices import autocast, frozen_copy, prepare_model, resolve_device
+from igkd.devices import autocast, frozen_copy, prepare_model, resolve_device, training_layout
 from igkd.distill import run_folder
 from igkd.distill.cohort import check_cohort
 from igkd.distill.config import TrainConfig
@@ -38,12 +38,14 @@ from igkd.distill.data_plan import DataPlan, Member, channel_stats
 from igkd.distill.distributed import DistContext
 from igkd.distill.evaluation import Evaluation
 from igkd.distill.losses import FeatureTap, attention_layers
+from igkd.distill.losses.attention import check_attention_pair
 from igkd.distill.objective import Objective
 from igkd.distill.run_folder import CHECKPOINT, METRICS, MODEL, SUMMARY
 from igkd.distill.schedule import build_optimizer, build_schedule
 from igkd.errors import IgkdError
 from igkd.evaluate.accuracy import evaluate
-from igkd.models import build_model, count_parameters, save_model, spec_of
+from igkd.models import MobileNetV2CIFAR, Normalize, build_model, count_parameters, save_model, spec_of
+from igkd.models.external import build_external, parse_normalize
 from igkd.models.fused import fuse, join_optimizer_state, load_member, member, member_state, split_optimizer_state
 from igkd.progress import progress_bar
 from igkd.provenance import environment
@@ -71,6 +73,7 @@ class Trainer:
         out_dir: str | Path | list,
         *,
         teacher: nn.Module | None = None,
+        student: Callable[[], nn.Module] | None = None,
         teacher_info: dict | None = None,
         ig_maps: torch.Tensor | None = None,
         attribution_info: dict | None = None,
@@ -80,7 +83,7 @@ class Trainer:
         pointwise: str = "grouped",
     ):
         self.single = isinstance(config, TrainConfig)
-        configs = [config] if self.single else list(config)
+        configs = external_configs([config] if self.single else list(config), student)
         outs = [Path(out_dir)] if isinstance(out_dir, (str, Path)) else [Path(o) for o in out_dir]
         check_cohort(configs, outs)
         self.config, self.configs, self.G = configs[0], configs, len(configs)
@@ -123,8 +126,9 @@ class Trainer:
             drop_last=self.config.compile,  # a compiled step sees one batch shape, not a new one each epoch end
         )
 
-        models = self._student_models(teacher)
-        self.model = prepare_model(models[0] if self.G == 1 else fuse(models, pointwise), self.device)
+        models = self._student_models(teacher, student)
+        self.layout = training_layout(models, self.device)
+        self.model = prepare_model(models[0] if self.G == 1 else fuse(models, pointwise), self.device, self.layout)
         self.objective = Objective.from_configs(configs, self.device)
         self.teacher = None
         self.reference_teacher = prepare_model(teacher, self.device).eval() if teacher is not None else None
@@ -134,6 +138,8 @@ class Trainer:
         if any(c.gamma > 0 for c in configs):
             c = self.config
             self.at_layers = attention_layers(self.teacher, models[0], c.at_divider, c.at_teacher_layer, c.at_student_layer)
+            if not all(isinstance(m, MobileNetV2CIFAR) for m in (teacher, models[0])):  # names of any network: checked on one dummy forward
+                self.at_layers.update(check_attention_pair(teacher, models[0], self.at_layers, tuple(dataset.train.images.shape[1:])))
             student_tap = FeatureTap(self.model, self.at_layers["student"]) if self.G == 1 else self.model.tap(self.at_layers["student"])
             self.taps = (student_tap, FeatureTap(self.teacher, self.at_layers["teacher"]))
         self.train_model: nn.Module = self.model
@@ -150,17 +156,22 @@ class Trainer:
         self._epoch, self._mix = 1, None  # the epoch being trained (DKD's warm-up) and its mixing draws
         self.wall_before = 0.0
 
-    def _student_models(self, teacher: nn.Module | None) -> list[nn.Module]:
+    def _student_models(self, teacher: nn.Module | None, factory: Callable[[], nn.Module] | None) -> list[nn.Module]:
         """Each member's student with its initial weights drawn from its own seed, as its single run draws them,
-        normalising its input as the teacher does (or by its training images' channel statistics)."""
+        normalising its input as the teacher does (or by its training images' channel statistics). An external
+        architecture (``student_arch``, or ``factory``) is built by its factory right after the same seeding."""
         models = []
         for m in self.members:
             torch.manual_seed(m.config.seed + 1_000 * self.dist.rank)
-            if teacher is not None:
-                mean, std = teacher.normalize.mean.flatten().tolist(), teacher.normalize.std.flatten().tolist()
+            normalize = getattr(teacher, "normalize", None)
+            if isinstance(normalize, Normalize):
+                mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
             else:
                 mean, std = channel_stats(self.dataset.train.images[m.train_idx])
-            models.append(build_model(self.config.student, num_classes=self.dataset.num_classes, width=self.config.width, mean=mean, std=std))
+            if m.config.student == "external" or m.config.student_arch is not None or factory is not None:
+                models.append(external_student(m.config, factory, self.dataset, mean, std))
+            else:
+                models.append(build_model(self.config.student, num_classes=self.dataset.num_classes, width=self.config.width, mean=mean, std=std))
         return models
 
     def _check_inputs(self, config: TrainConfig, teacher, ig_maps) -> None:
@@ -258,7 +269,7 @@ class Trainer:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Member-major images ``[G, B, 3, H, W]`` -> logits ``[G, B, K]``."""
         if self.G == 1:
-            return self.train_model(x[0].contiguous(memory_format=torch.channels_last)).unsqueeze(0)
+            return self.train_model(x[0].contiguous(memory_format=self.layout)).unsqueeze(0)
         return self.train_model(x)
 
     def _student_features(self) -> torch.Tensor:
@@ -414,6 +425,31 @@ class Trainer:
             for tap in self.taps:
                 tap.remove()
         return summaries
+
+
+def external_configs(configs: list[TrainConfig], factory: Callable[[], nn.Module] | None) -> list[TrainConfig]:
+    """With a Python ``factory`` for the student, its runs' ``student`` is ``external`` (a teacher being trained
+    stays ``teacher``); without one, ``external`` needs ``student_arch``."""
+    import dataclasses
+
+    if factory is not None:
+        return [c if c.student in ("teacher", "external") else dataclasses.replace(c, student="external") for c in configs]
+    for c in configs:
+        if c.student == "external" and c.student_arch is None:
+            raise IgkdError("student 'external' needs its architecture: pass --student-arch package.module:factory (Python: student=<a factory>)")
+    return configs
+
+
+def external_student(config: TrainConfig, factory: Callable[[], nn.Module] | None, dataset: Dataset, mean, std) -> nn.Module:
+    """An external student (or teacher being trained): the factory's network behind the normalisation that
+    ``student_normalize`` states (``dataset``: ``mean``/``std``, the teacher's or the training images'), its
+    spec attached; one forward of a zero image checks it gives ``[1, K]`` logits."""
+    normalize = parse_normalize(config.student_normalize, "student_normalize")
+    if normalize == "dataset":
+        normalize = {"mean": list(mean), "std": list(std)}
+    where = "the student factory" if factory is not None else "--student-arch"
+    return build_external(factory if factory is not None else config.student_arch, config.student_arch_args, dataset.num_classes,
+                          normalize=normalize, input_shape=tuple(dataset.train.images.shape[1:]), where=where)
 
 
 def train(config: TrainConfig, dataset: Dataset, out_dir: str | Path, **kwargs) -> dict:

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from igkd.distill.cohort import cohort_key
+from igkd.distill.cohort import cohort_key, fusable
 from igkd.distill.executor import Run, check_cohort_size, checkpoint_epoch, default_cohort_size
 from igkd.distill.run_folder import SUMMARY, read_summary
 from igkd.distill.run import refuse_foreign_folder
@@ -52,7 +52,7 @@ def cohorts_of(pending: list[Run], start: dict[str, int], size: int) -> list[lis
     while left:
         head = left[0]
         fits = [r for r in left if cohort_key(r.config) == cohort_key(head.config) and start[str(r.out)] == start[str(head.out)]]
-        cohort = fits[:size]
+        cohort = fits[:size if fusable(head.config) else 1]  # an external architecture trains run by run
         cohorts.append(cohort)
         left = [r for r in left if r not in cohort]
     return cohorts
@@ -64,7 +64,8 @@ def gpus_per_task(device: str, cluster_gpus: float) -> int:
     return int(name.startswith("cuda") or (name == "auto" and cluster_gpus > 0))
 
 
-def _train_task(cohort: list[Run], dataset, teacher_path, attributions_dir, threads: int, dtype: str, board=None, index: int = 0) -> list[dict]:
+def _train_task(cohort: list[Run], dataset, teacher_path, attributions_dir, threads: int, dtype: str, board=None, index: int = 0,
+                trusted=None) -> list[dict]:
     """One cohort on whichever node Ray chose: the driver's threads and float dtype, inputs loaded from their
     (shared) paths, training resumed from the run folders' checkpoints."""
     from igkd.distill.loop import train_cohort
@@ -74,7 +75,7 @@ def _train_task(cohort: list[Run], dataset, teacher_path, attributions_dir, thre
         board.started.remote(index)
     torch.set_num_threads(threads)
     torch.set_default_dtype(getattr(torch, dtype))
-    inputs = load_inputs([r.config for r in cohort], dataset, teacher_path=teacher_path, attributions_dir=attributions_dir)
+    inputs = load_inputs([r.config for r in cohort], dataset, teacher_path=teacher_path, attributions_dir=attributions_dir, trusted=trusted)
     return train_cohort([r.config for r in cohort], dataset, [r.out for r in cohort], resume=True, progress=False, **inputs)
 
 
@@ -118,6 +119,7 @@ def execute(
     time_left: Callable[[], float] | None = None,
     say: Callable[[str], None] = lambda text: None,
     address: str | None = None,
+    trusted=None,
 ) -> dict[str, dict]:
     """:func:`igkd.distill.executor.execute` with each cohort a Ray task; returns summaries by folder.
 
@@ -137,13 +139,13 @@ def execute(
     ray = require_ray()
     connected = connect(address)
     try:
-        return _run_tasks(ray, pending, summaries, len(runs), dataset, teacher_path, attributions_dir, cohort_size, on_finished, say)
+        return _run_tasks(ray, pending, summaries, len(runs), dataset, teacher_path, attributions_dir, cohort_size, on_finished, say, trusted)
     finally:
         if connected:
             ray.shutdown()
 
 
-def _run_tasks(ray, pending, summaries, total, dataset, teacher_path, attributions_dir, cohort_size, on_finished, say) -> dict[str, dict]:
+def _run_tasks(ray, pending, summaries, total, dataset, teacher_path, attributions_dir, cohort_size, on_finished, say, trusted=None) -> dict[str, dict]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     gpus = gpus_per_task(pending[0].config.device, ray.cluster_resources().get("GPU", 0))
@@ -158,7 +160,7 @@ def _run_tasks(ray, pending, summaries, total, dataset, teacher_path, attributio
         num_cpus=threads if not gpus else 1, num_gpus=gpus, max_retries=MAX_RETRIES, retry_exceptions=False, name="igkd-cohort",
     )
     shared = ray.put(dataset)
-    refs = {task.remote(c, shared, teacher_path, attributions_dir, threads, dtype, board, i): i for i, c in enumerate(cohorts)}
+    refs = {task.remote(c, shared, teacher_path, attributions_dir, threads, dtype, board, i, trusted): i for i, c in enumerate(cohorts)}
     say(f"{len(cohorts)} task(s) of up to {size} run(s) on Ray ({threads} thread(s){', 1 GPU' if gpus else ''} each)")
     done, shown, waiting = total - len(pending), None, list(refs)
     try:

@@ -34,12 +34,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_teacher(path: str | Path) -> tuple[torch.nn.Module, dict]:
+def load_teacher(path: str | Path, trusted=None) -> tuple[torch.nn.Module, dict]:
+    """The teacher of a model file or run folder, and what identifies it (path, sha256 of the file, spec, format).
+    An external architecture is rebuilt only by the factory ``trusted`` names (:func:`igkd.models.load_model`)."""
     from igkd.models import load_model
     from igkd.provenance import sha256_file
 
     path = resolve_checkpoint(path)
-    model, meta = load_model(path)
+    model, meta = load_model(path, trusted=trusted, option="--teacher-arch")
     return model, {"path": str(path), "sha256": sha256_file(path), "spec": meta["spec"], "format": meta["format"]}
 
 
@@ -57,9 +59,19 @@ def check_overlay_reduction(reduction: str | None, directory: str | Path) -> Non
         )
 
 
-def load_ig_maps(directory: str | Path, teacher_sha256: str, dataset) -> tuple[torch.Tensor, dict]:
+def python_teacher_info(teacher: torch.nn.Module) -> dict:
+    """What identifies a teacher given as a Python module (no file): the sha256 of its weights
+    (:func:`igkd.attribution.cache.model_state_sha256`, which every IG cache records) and its spec."""
+    from igkd.attribution.cache import model_state_sha256
+    from igkd.models import spec_of
+
+    return {"path": None, "sha256": None, "model_state_sha256": model_state_sha256(teacher), "spec": spec_of(teacher), "format": "python module"}
+
+
+def load_ig_maps(directory: str | Path, teacher_sha256: str | None, dataset, model_state_sha256: str | None = None) -> tuple[torch.Tensor, dict]:
     """The cached maps [N, H, W] (float16) of the training split, refused unless built for this teacher and
-    data, and unless non-negative (:func:`check_overlay_reduction`).
+    data, and unless non-negative (:func:`check_overlay_reduction`). The teacher is its file's sha256, or, for a
+    teacher given as a Python module, the sha256 of its weights (``model_state_sha256``).
 
     The maps file is read whole anyway, so it is also checked: its sha256 against the manifest's, and every value finite.
     """
@@ -68,7 +80,8 @@ def load_ig_maps(directory: str | Path, teacher_sha256: str, dataset) -> tuple[t
     from igkd.attribution import open_attributions
     from igkd.attribution.cache import MAPS_FILE, REBUILD_HINT
 
-    cache = open_attributions(directory, teacher_sha256=teacher_sha256, dataset_fingerprint=dataset.fingerprint, split="train", verify=True)
+    expect = {"model_state_sha256": model_state_sha256} if teacher_sha256 is None and model_state_sha256 is not None else None
+    cache = open_attributions(directory, teacher_sha256=teacher_sha256, dataset_fingerprint=dataset.fingerprint, split="train", expect=expect, verify=True)
     check_overlay_reduction(cache.manifest.get("reduction"), directory)
     maps = torch.from_numpy(np.array(cache.maps))  # a private, writable copy of the memmap
     if not bool(torch.isfinite(maps).all()):
@@ -78,17 +91,26 @@ def load_ig_maps(directory: str | Path, teacher_sha256: str, dataset) -> tuple[t
     return maps, info
 
 
-def load_inputs(configs, dataset, *, teacher_path: str | Path | None = None, attributions_dir: str | Path | None = None) -> dict:
-    """The teacher and IG maps the runs of ``configs`` need, loaded once and checked against the data.
+def load_inputs(
+    configs, dataset, *, teacher_path: str | Path | None = None, attributions_dir: str | Path | None = None,
+    teacher: torch.nn.Module | None = None, trusted=None,
+) -> dict:
+    """The teacher and IG maps the runs of ``configs`` need, loaded once and checked against the data. The teacher
+    is a model file (``teacher_path``; an external one rebuilt by the factory ``trusted`` names) or a Python module.
 
     Returns the keyword arguments of :class:`igkd.distill.loop.Trainer`: ``teacher``, ``teacher_info``,
     ``ig_maps``, ``attribution_info`` (None where no run needs them).
     """
-    teacher, teacher_info = (None, None)
+    teacher_info = None
+    if teacher is not None and teacher_path is not None:
+        raise IgkdError("give the teacher once: as a model file (teacher_path) or as a module (teacher), not both")
     if teacher_path is not None:
-        teacher, teacher_info = load_teacher(teacher_path)
-        if teacher.num_classes != dataset.num_classes:
-            raise IgkdError(f"teacher {teacher_path} has {teacher.num_classes} classes but dataset {dataset.name} has {dataset.num_classes}")
+        teacher, teacher_info = load_teacher(teacher_path, trusted)
+    elif teacher is not None:
+        teacher_path, teacher_info = "(the Python module)", python_teacher_info(teacher)
+    classes = getattr(teacher, "num_classes", None)
+    if teacher is not None and isinstance(classes, int) and classes != dataset.num_classes:
+        raise IgkdError(f"teacher {teacher_path} has {classes} classes but dataset {dataset.name} has {dataset.num_classes}")
     maps, attribution_info = (None, None)
     overlaid = [c for c in configs if c.p > 0]
     if overlaid:
@@ -96,7 +118,7 @@ def load_inputs(configs, dataset, *, teacher_path: str | Path | None = None, att
             raise IgkdError(f"method {overlaid[0].method!r} overlays IG maps (p={overlaid[0].p}): pass --attributions DIR (built by 'igkd attributions compute')")
         if teacher_info is None:
             raise IgkdError("IG maps are checked against their teacher: pass --teacher CKPT with --attributions")
-        maps, attribution_info = load_ig_maps(attributions_dir, teacher_info["sha256"], dataset)
+        maps, attribution_info = load_ig_maps(attributions_dir, teacher_info["sha256"], dataset, teacher_info.get("model_state_sha256"))
         from igkd.distill.controls import expected_attribution_method
 
         for config in overlaid:
@@ -120,8 +142,15 @@ def run_training(
     resume: bool = False,
     progress: bool = True,
     on_epoch_end=None,
+    teacher: torch.nn.Module | None = None,
+    student=None,
+    trusted=None,
 ) -> dict:
     """Load what ``config`` needs (teacher, IG maps), then train the run in ``out_dir``; returns its summary.
+
+    Any classifier may be the teacher (``teacher``: an ``nn.Module`` taking [0, 1] pixels, or ``teacher_path``,
+    an external one rebuilt by the factory ``trusted`` names) and the student (``student``: a zero-argument
+    factory returning an ``nn.Module``, called once after the run's seeding; or ``config.student_arch``).
 
     A finished run is never trained over: without ``resume`` its folder is refused, with it the run's
     summary is returned as it is (said on stderr with ``progress``).
@@ -129,5 +158,5 @@ def run_training(
     refuse_foreign_folder(out_dir)
     if resume and progress and read_summary(Path(out_dir) / SUMMARY) is not None:
         print(f"{out_dir} holds a finished run: nothing to train (its summary follows)", file=sys.stderr)
-    inputs = load_inputs([config], dataset, teacher_path=teacher_path, attributions_dir=attributions_dir)
-    return train(config, dataset, out_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end, **inputs)
+    inputs = load_inputs([config], dataset, teacher_path=teacher_path, attributions_dir=attributions_dir, teacher=teacher, trusted=trusted)
+    return train(config, dataset, out_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end, student=student, **inputs)

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from igkd.models import arch_options
+
 
 def print_report(report: dict, title: str) -> None:
     from rich.console import Console
@@ -38,6 +40,9 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(500),
         corruptions: Optional[str] = typer.Option(None, help="Also evaluate under corruptions, e.g. all, jpeg:1,3 (docs/robustness.md)."),
         seed: int = typer.Option(0, help="Seed of the random corruptions."),
+        student_arch: Optional[str] = arch_options.student_arch(),
+        teacher_arch: Optional[str] = arch_options.teacher_arch(),
+        trust_arch: bool = arch_options.trust_arch(),
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     ) -> None:
         """Accuracy, per-class accuracy and confusion matrix of a model on a dataset split.
@@ -58,7 +63,7 @@ def register(app: typer.Typer) -> None:
             raise IgkdError(f"unknown split {split!r}: use test or train")
         check_batch_size(batch_size)
         path = resolve_checkpoint(checkpoint)
-        model, meta = load_model(path)
+        model, meta = load_model(path, trusted=arch_options.trusted(student_arch, teacher_arch, trust=trust_arch))
         data = load_dataset(dataset, data_dir, progress=not as_json)
         if model.num_classes != data.num_classes:
             raise IgkdError(f"{path} predicts {model.num_classes} classes but {data.name} has {data.num_classes}")
@@ -96,6 +101,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto"),
         batch_size: int = typer.Option(500),
         out: Optional[Path] = typer.Option(None, help="Also write the JSON results to this file."),
+        student_arch: Optional[str] = arch_options.student_arch(),
+        teacher_arch: Optional[str] = arch_options.teacher_arch(),
+        trust_arch: bool = arch_options.trust_arch(),
         as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     ) -> None:
         """Accuracy of each model under corruptions x severities, mean corruption accuracy, relative drop."""
@@ -111,7 +119,7 @@ def register(app: typer.Typer) -> None:
         parse_corruption_spec(corruptions)
         check_batch_size(batch_size)
         paths = [resolve_checkpoint(c) for c in checkpoints]
-        models = [load_model(p) for p in paths]
+        models = [load_model(p, trusted=arch_options.trusted(student_arch, teacher_arch, trust=trust_arch)) for p in paths]
         data = load_dataset(dataset, data_dir, progress=not as_json)
         for path, (model, _) in zip(paths, models):  # every model checked before any work
             if model.num_classes != data.num_classes:

@@ -160,11 +160,21 @@ STUDY_OPTIONS = (
     ("as_json", bool, (False, "--json"), "Print the study as JSON only."),
 )
 
+#: The options of a study whose student may be the user's own network (ablation, montecarlo, tune; docs/own-networks.md).
+ARCH_OPTIONS = (
+    ("student_arch", Optional[str], (None, "--student-arch"), "An external student: package.module:factory (docs/own-networks.md)."),
+    ("student_arch_args", Optional[str], (None, "--student-arch-args"), "Keyword arguments of the factory: key=value,... or a .yaml/.json file."),
+    ("student_normalize", Optional[str], (None, "--student-normalize"), "dataset, model or MEAN/STD (external student)."),
+    ("teacher_arch", Optional[str], (None, "--teacher-arch"), "The factory of an external teacher file."),
+    ("trust_arch", bool, (False, "--trust-arch"), "Rebuild external models from the factories their files name."),
+)
 
-def _study_command(app: typer.Typer, name: str, **helps: str):
+
+def _study_command(app: typer.Typer, name: str, arch: bool = False, **helps: str):
     """Register the decorated function as ``igkd NAME`` with its own options followed by :data:`STUDY_OPTIONS`
-    (``helps``: this command's wording of some of their helps). It is called with its own options and, by keyword,
-    ``options`` (the StudyOptions they make, checked before the data is loaded), ``data_dir`` and ``as_json``."""
+    (and :data:`ARCH_OPTIONS` when ``arch``: its ``student`` may then become ``external``; ``helps``: this command's
+    wording of some of their helps). It is called with its own options and, by keyword, ``options`` (the
+    StudyOptions they make, checked before the data is loaded), ``data_dir`` and ``as_json``."""
     unknown = set(helps) - {key for key, *_ in STUDY_OPTIONS}
     if unknown:
         raise TypeError(f"no study option {', '.join(sorted(unknown))}")
@@ -173,11 +183,13 @@ def _study_command(app: typer.Typer, name: str, **helps: str):
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.KEYWORD_ONLY]
         shared = [
             inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=typer.Option(*option, help=helps.get(key, text)))
-            for key, kind, option, text in STUDY_OPTIONS
+            for key, kind, option, text in STUDY_OPTIONS + (ARCH_OPTIONS if arch else ())
         ]
 
         def run(**values) -> None:
             given = {key: values.pop(key) for key, *_ in STUDY_OPTIONS}
+            if arch:
+                given["arch"], given["trusted"], values["student"] = _arch(**{key: values.pop(key) for key, *_ in ARCH_OPTIONS}, student=values["student"])
             data_dir, as_json = given.pop("data_dir"), given.pop("as_json")
             command(**values, options=_study_options(**given, progress=not as_json), data_dir=data_dir, as_json=as_json)
 
@@ -189,7 +201,7 @@ def _study_command(app: typer.Typer, name: str, **helps: str):
     return register
 
 
-def _study_options(*, config, cohort_size, device, executor, ray_address, **values):
+def _study_options(*, config, cohort_size, device, executor, ray_address, arch=None, trusted=None, **values):
     from igkd.devices import parse_device
     from igkd.distill.config import load_yaml
     from igkd.distill.executor import check_cohort_size, pick
@@ -198,7 +210,18 @@ def _study_options(*, config, cohort_size, device, executor, ray_address, **valu
     parse_device(device)  # before the dataset is loaded
     pick(executor, ray_address)
     return StudyOptions(config_values=load_yaml(config) if config else None, device=device, cohort_size=check_cohort_size(cohort_size),
-                        executor=executor, ray_address=ray_address, **values)
+                        executor=executor, ray_address=ray_address, student_arch=arch or None, trusted=trusted, **values)
+
+
+def _arch(student_arch, student_arch_args, student_normalize, teacher_arch, trust_arch, student: str) -> tuple[dict, object, str]:
+    """(config keys of an external student, the factories model files may be rebuilt by, the study's student)."""
+    from igkd.errors import IgkdError
+    from igkd.models import arch_options
+
+    if student_arch is not None and student != "k5":
+        raise IgkdError(f"give the student once: --student {student} (the family) or --student-arch {student_arch}, not both")
+    arch = arch_options.arch_config(student_arch, student_arch_args, student_normalize)
+    return arch, arch_options.trusted(student_arch, teacher_arch, trust=trust_arch), "external" if student_arch else student
 
 
 def _print_study(study: dict, as_json: bool) -> None:
@@ -241,7 +264,7 @@ def _print_tune(study: dict, as_json: bool) -> None:
 
 def _register_studies(app: typer.Typer) -> None:
     @_study_command(
-        app, "ablation",
+        app, "ablation", arch=True,
         teacher="Teacher model file or run folder (needed by kd/ig/at methods).",
         attributions="IG cache folder from 'igkd attributions compute' (needed by ig methods).",
         config="YAML file of training config keys (not method/seed/student/subset).",
@@ -264,7 +287,7 @@ def _register_studies(app: typer.Typer) -> None:
         study = run_ablation(load_dataset(dataset, data_dir, progress=not as_json), out, methods=methods, seeds=seeds, student=student, options=options)
         _print_study(study, as_json)
 
-    @_study_command(app, "montecarlo")
+    @_study_command(app, "montecarlo", arch=True)
     def montecarlo_command(
         dataset: str = typer.Option(..., help=DATASET_HELP),
         out: Path = typer.Option(..., help="Study folder (created; re-run the same command to continue it)."),
@@ -302,7 +325,7 @@ def _register_studies(app: typer.Typer) -> None:
         _print_study(study, as_json)
 
     @_study_command(
-        app, "tune",
+        app, "tune", arch=True,
         attributions="IG cache folder (needed when p > 0).",
         val_fraction="Validation part of train: the objective (default 0.1).",
         robustness="Also evaluate each trial under corruptions.",

@@ -56,6 +56,6 @@ def add_extras(run_dir: Path, dataset, teacher: dict | None, options, cache: dic
             from igkd.models import load_model
 
             device = resolve_device(options.device)
-            model, _ = load_model(run_dir / "model.safetensors")
+            model, _ = load_model(run_dir / "model.safetensors", trusted=options.trusted)
             result = evaluate_robustness(model.to(device), dataset, options.robustness, device=device)
             atomic_write_json(run_dir / ROBUSTNESS_FILE, result)

@@ -20,7 +20,7 @@ def dataset_record(dataset) -> dict:
     return {"name": dataset.name, "fingerprint": dataset.fingerprint, "train": len(dataset.train), "test": len(dataset.test), "classes": list(dataset.classes)}
 
 
-def teacher_record(path: str | Path | None, dataset) -> dict | None:
+def teacher_record(path: str | Path | None, dataset, trusted=None) -> dict | None:
     """path, sha256, params and model name of the teacher file (checked against the dataset's classes)."""
     if path is None:
         return None
@@ -29,7 +29,7 @@ def teacher_record(path: str | Path | None, dataset) -> dict | None:
     from igkd.provenance import sha256_file
 
     path = resolve_checkpoint(path)
-    model, meta = load_model(path)
+    model, meta = load_model(path, trusted=trusted, option="--teacher-arch")
     if model.num_classes != dataset.num_classes:
         raise IgkdError(f"teacher {path} predicts {model.num_classes} classes but dataset {dataset.name} has {dataset.num_classes}")
     return {"path": str(path.resolve()), "sha256": sha256_file(path), "params": count_parameters(model), "model": meta["spec"]["name"]}
@@ -55,7 +55,7 @@ def attributions_record(path: str | Path | None, teacher: dict | None, dataset) 
 def input_records(options, dataset, configs: dict) -> tuple[dict | None, dict | None]:
     """The teacher and IG-cache records of a study (``options``: its StudyOptions; ``configs``: its runs' configs by
     name); the cache is required when a config overlays maps."""
-    teacher = teacher_record(options.teacher, dataset)
+    teacher = teacher_record(options.teacher, dataset, options.trusted)
     needs_maps = any(c.p > 0 for c in configs.values())
     attributions = attributions_record(options.attributions, teacher, dataset) if options.attributions is not None or needs_maps else None
     if needs_maps and attributions is not None:

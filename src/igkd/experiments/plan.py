@@ -61,6 +61,9 @@ def parse_students(text: str | list[str]) -> list[str]:
 
 
 def one_student(student: str) -> list[str]:
+    """The one student of an ablation, Monte Carlo or tune study: a family name, or ``external`` (--student-arch)."""
+    if str(student).strip().lower() == "external":
+        return ["external"]
     students = parse_students(student)
     if len(students) != 1:
         raise IgkdError(f"this study trains one student, got {', '.join(students)}: use igkd sweep-cf for several")
@@ -76,9 +79,15 @@ def at_least_one(value: int, what: str) -> int:
 # -- the plan ---------------------------------------------------------------------------------------
 
 
-def student_params(student: str, dataset, width: float) -> int:
+def student_params(student: str, dataset, width: float, config=None) -> int:
+    """Parameters of a family student, or of the external one ``config`` names (student ``external``)."""
     from igkd.models import build_model, count_parameters
 
+    if student == "external":
+        from igkd.models.external import build_external
+
+        return count_parameters(build_external(config.student_arch, config.student_arch_args, dataset.num_classes,
+                                               input_shape=tuple(dataset.train.images.shape[1:])))
     return count_parameters(build_model(student, num_classes=dataset.num_classes, width=width))
 
 

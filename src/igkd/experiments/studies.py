@@ -73,6 +73,8 @@ class StudyOptions:
     time_left: Callable[[], float] | None = None  # seconds left; cohorts are sized to finish inside it
     executor: str = "local"  # where cohorts train: this process, or "ray" (a task each, docs/distributed.md)
     ray_address: str | None = None  # the Ray cluster to join (None: RAY_ADDRESS or a new local Ray)
+    student_arch: dict | None = None  # an external student: config keys student_arch, student_arch_args, student_normalize
+    trusted: object = None  # the factories model files may be rebuilt by (igkd.models.load_model's trusted)
 
     def config(self, method: str, student: str, seed: int, subset: float = 1.0, subset_seed: int | None = None, **overrides):
         """The training config of one run of the study (``overrides``: a tune trial's values)."""
@@ -87,7 +89,7 @@ class StudyOptions:
             check_unused=False,  # one config file serves every method of the study: check_inputs checks it once
             method=method, recipe=recipe, student=student, seed=seed, subset=subset, subset_seed=subset_seed,
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, val_fraction=self.val_fraction, device=self.device,
-            **overrides,
+            **(self.student_arch or {}), **overrides,
         )
 
     def say(self, text: str) -> None:
@@ -134,7 +136,7 @@ def _execute(study: dict, out: Path, dataset, options: StudyOptions) -> None:
         runs, dataset,
         teacher_path=teacher["path"] if teacher else None,
         attributions_dir=attributions["path"] if attributions else None,
-        cohort_size=options.cohort_size, progress=options.progress, on_epoch_end=options.on_epoch_end,
+        cohort_size=options.cohort_size, progress=options.progress, on_epoch_end=options.on_epoch_end, trusted=options.trusted,
         on_finished=finished, time_left=options.time_left,
         say=lambda text: options.say(f"[bold]study {study['kind']}:[/bold] {text}"),
     )
@@ -168,7 +170,7 @@ def _run_study(kind: str, dataset, out, *, methods, students, runs, subset: floa
     check_inputs(all_configs, options, teacher, attributions)
     reference, reference_source = reference_params(teacher, dataset)
     width = all_configs[study["methods"][0]].width
-    params = {s: student_params(s, dataset, width) for s in study["students"]}
+    params = {s: student_params(s, dataset, width, all_configs[study["methods"][0]]) for s in study["students"]}
     study["cf_reference"] = {"params": reference, "source": reference_source}
     study["plan"] = build_plan(kind, study["methods"], study["students"], study["runs"], subset, independent, params, reference)
     out.mkdir(parents=True, exist_ok=True)

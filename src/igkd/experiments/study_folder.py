@@ -50,6 +50,9 @@ def now() -> str:
 
 def config_identity(config) -> dict:
     values = json.loads(json.dumps(config.to_dict()))
+    if values.get("student_arch") is None:  # a family student: the identity studies have always recorded
+        for key in ("student_arch", "student_arch_args", "student_normalize"):
+            values.pop(key, None)
     return {k: v for k, v in values.items() if k not in NOT_IDENTITY}
 
 

@@ -385,7 +385,7 @@ class _Worker:
         teacher, attributions = self.record.get("teacher"), self.record.get("attributions")
         inputs = {"teacher_path": teacher["path"] if teacher else None, "attributions_dir": attributions["path"] if attributions else None}
         execute = pick(self.options.executor, self.options.ray_address)
-        train = lambda runs, size: execute(runs, self.dataset, cohort_size=size, progress=self.options.progress, **inputs)  # noqa: E731
+        train = lambda runs, size: execute(runs, self.dataset, cohort_size=size, progress=self.options.progress, trusted=self.options.trusted, **inputs)  # noqa: E731
         try:
             with _heartbeats(self.study, [trial for trial, _ in batch]):  # as optimize() does: a killed worker's trials go stale
                 summaries = train([run for _, run in batch], per_cohort or size)

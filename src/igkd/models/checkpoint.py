@@ -23,6 +23,7 @@ import torch
 
 from igkd.atomic import atomic_write_bytes
 from igkd.errors import IgkdError
+from igkd.models.external import describe, is_external, rebuild
 from igkd.models.mobilenetv2 import CIFAR10_MEAN, CIFAR10_STD, MobileNetV2CIFAR
 from igkd.models.registry import build_model, check_spec, model_spec, spec_of
 from igkd.torch_io import load_torch
@@ -40,7 +41,11 @@ def save_model(path: str | Path, model: MobileNetV2CIFAR, meta: dict | None = No
         if dtype is not None and value.is_floating_point() and not key.startswith("normalize."):
             value = value.to(dtype)
         state[key] = value
-    metadata = {"igkd_spec": json.dumps(spec_of(model)), "igkd_meta": json.dumps(meta or {}, default=str)}
+    spec = spec_of(model)
+    if is_external(spec) and (min(spec["input_shape"][1:]) < 1 or spec["num_classes"] < 1):
+        raise IgkdError(f"a {type(model).__name__} not built by igkd has no spec to record (input shape, classes): build it with "
+                        "igkd.models.external.build_external(factory, kwargs, num_classes, input_shape=...) so that its file can be rebuilt")
+    metadata = {"igkd_spec": json.dumps(spec), "igkd_meta": json.dumps(meta or {}, default=str)}
     atomic_write_bytes(path, canonical_safetensors(save(state, metadata=metadata)))
 
 
@@ -164,12 +169,18 @@ def _check_shapes(shapes: dict, spec: dict, path: Path) -> None:
         raise IgkdError(f"{path} does not match the {spec['name']} architecture ({detail})")
 
 
-def load_model(path: str | Path, *, map_location="cpu", expect: str | None = None) -> tuple[MobileNetV2CIFAR, dict]:
+def load_model(
+    path: str | Path, *, map_location="cpu", expect: str | None = None, trusted=None, option: str = "--student-arch"
+) -> tuple[torch.nn.Module, dict]:
     """Load any supported model file -> (model in eval mode, metadata incl. ``spec`` and ``format``).
 
     ``expect`` ('teacher' or 'k5' ...) refuses a file of another architecture. The spec (width,
     classes, k: :func:`igkd.models.registry.check_spec`) and every tensor's shape are checked
     before any real memory is allocated; running out of memory is one error line.
+
+    A file of an external architecture (:mod:`igkd.models.external`) is rebuilt only by the factory the
+    caller names in ``trusted`` (its reference, ``True`` for the file's own, or a callable); otherwise
+    one error line naming ``option`` says what to pass, and nothing is imported.
     """
     path = Path(path)
     if not path.is_file():
@@ -180,6 +191,9 @@ def load_model(path: str | Path, *, map_location="cpu", expect: str | None = Non
         raise
     except Exception as err:  # noqa: BLE001 - any decoding failure means 'not a model file'
         raise IgkdError(f"cannot read {path} as a model checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    if is_external(spec):
+        meta["format"] = fmt
+        return _load_external(path, shapes, check_spec(spec, str(path)), meta, load, map_location, expect, trusted, option)
     shapes, remapped = _rename(shapes)
     if remapped:
         fmt = "reference-attention-student"
@@ -207,4 +221,26 @@ def load_model(path: str | Path, *, map_location="cpu", expect: str | None = Non
         raise IgkdError(f"cannot load {path}: {why} for a {spec['name']} model of width {spec['width']:g} and {spec['num_classes']} classes "
                         f"on {map_location} ({type(err).__name__}: {first})") from None
     meta.update(spec=spec, format=fmt, path=str(path))
+    return model, meta
+
+
+def _load_external(path: Path, shapes: dict, spec: dict, meta: dict, load, map_location, expect, trusted, option: str):
+    """An external model file: the trusted factory builds the network, whose tensors must match the file's."""
+    if expect is not None:
+        raise IgkdError(f"{path} holds an external {spec['name']} model, but a {model_spec(expect)['name']} model of the igkd family is needed here")
+    model = rebuild(spec, trusted, str(path), option)
+    reference = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(reference) - set(shapes)), sorted(set(shapes) - set(reference))
+    bad_shapes = [k for k in reference if k in shapes and shapes[k] != reference[k]]
+    if missing or unexpected or bad_shapes:
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+            f"wrong shape {', '.join(bad_shapes[:3])}" if bad_shapes else "") if part)
+        raise IgkdError(f"{path} does not match {describe(spec['factory'], spec['kwargs'])} ({detail}): is it the same factory and arguments?")
+    state = model.state_dict()
+    loaded = {k: v.to(state[k].dtype) if v.is_floating_point() else v for k, v in load().items()}
+    model.load_state_dict(loaded)
+    model.to(map_location).eval()
+    meta.update(spec=spec, path=str(path))
     return model, meta

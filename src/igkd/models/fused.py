@@ -16,6 +16,10 @@ per-channel BatchNorm need:
   per-member statistics, running stats and momentum included);
 * the linear head -> ``torch.baddbmm`` with weight ``[G, out, in]``.
 
+Fusion supports the family only: the layer types of :class:`MobileNetV2CIFAR` (Normalize, Conv2d incl.
+depthwise, BatchNorm2d, ReLU6, Dropout, AdaptiveAvgPool2d, Linear) in its fixed order (:data:`FUSED_LAYERS`).
+Any other architecture (:mod:`igkd.models.external`) is refused here; the executor trains it run by run.
+
 Parameters keep their member's names (``features.3.conv.1.0.weight``) and their
 member's ndim class: conv weights stay 4-D, BatchNorm and bias vectors 1-D
 (``[G*C]``, the linear bias too), the linear weight is 3-D. So an optimizer built
@@ -34,6 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from igkd.errors import IgkdError
+
+#: The layer types fusion supports, in the order MobileNetV2CIFAR uses them; nothing else is fused.
+FUSED_LAYERS = ("Normalize", "Conv2d", "BatchNorm2d", "ReLU6", "Dropout", "AdaptiveAvgPool2d", "Linear")
 from igkd.models.mobilenetv2 import MobileNetV2CIFAR, Normalize
 from igkd.models.registry import build_model, spec_of
 from igkd.models.taps import FeatureTap
@@ -278,7 +285,7 @@ def fuse(models: list[nn.Module], pointwise: str = "grouped") -> FusedModel:
         raise IgkdError("fuse needs at least one model")
     for i, model in enumerate(models):
         if not isinstance(model, MobileNetV2CIFAR):
-            raise IgkdError(f"fuse works on igkd MobileNetV2-CIFAR models; member {i} is a {type(model).__name__}")
+            raise IgkdError(f"fuse works on igkd MobileNetV2-CIFAR models ({', '.join(FUSED_LAYERS)}); member {i} is a {type(model).__name__}: train it run by run (cohort size 1)")
     arch = lambda s: {k: v for k, v in s.items() if k not in ("mean", "std")}  # noqa: E731 - the input convention may differ
     reference = arch(spec_of(models[0]))
     shapes = {k: (v.shape, v.dtype, v.device) for k, v in models[0].state_dict().items()}

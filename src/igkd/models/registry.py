@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from igkd.errors import IgkdError
+from igkd.models.external import EXTERNAL, check_external_spec, external_spec_of
 from igkd.models.mobilenetv2 import CIFAR10_MEAN, CIFAR10_STD, NUM_FEATURE_MODULES, MobileNetV2CIFAR
 
 STUDENT_KS = (3, 5, 7, 9, 11, 13, 15, 17)
@@ -59,7 +60,8 @@ MAX_CLASSES = 100_000
 
 
 def check_spec(spec, where: str) -> dict:
-    """A model spec read from a file, checked before anything is built: the architecture and its name,
+    """A model spec read from a file, checked before anything is built (an external one by
+    :func:`igkd.models.external.check_external_spec`): the architecture and its name,
     ``keep`` = 19 - k for k in the family, ``num_classes`` in 1..MAX_CLASSES, ``width`` in (0, MAX_WIDTH],
     ``dropout`` in [0, 1) and 3 finite ``mean``/``std`` values (std > 0). IgkdError names the first bad field."""
 
@@ -72,8 +74,10 @@ def check_spec(spec, where: str) -> dict:
 
     if not isinstance(spec, dict):
         refuse("spec", "an object")
+    if spec.get("arch") == EXTERNAL:
+        return check_external_spec(spec, where)
     if spec.get("arch") != ARCH:
-        raise IgkdError(f"{where}: unknown architecture {spec.get('arch')!r} (igkd builds {ARCH!r})")
+        raise IgkdError(f"{where}: unknown architecture {spec.get('arch')!r} (igkd builds {ARCH!r} and {EXTERNAL!r} ones)")
     k = spec.get("k")
     if type(k) is not int or k not in (0, *STUDENT_KS):
         refuse("k", f"0 (teacher) or one of {', '.join(map(str, STUDENT_KS))}")
@@ -109,7 +113,10 @@ def build_model(spec_or_name: dict | str = "teacher", **overrides) -> MobileNetV
     )
 
 
-def spec_of(model: MobileNetV2CIFAR) -> dict:
+def spec_of(model: nn.Module) -> dict:
+    """The spec a model file records: the family's fields, or an external model's (:mod:`igkd.models.external`)."""
+    if not isinstance(model, MobileNetV2CIFAR):
+        return external_spec_of(model)
     k = NUM_FEATURE_MODULES - model.keep
     return {
         "arch": ARCH,
@@ -122,6 +129,14 @@ def spec_of(model: MobileNetV2CIFAR) -> dict:
         "mean": model.normalize.mean.flatten().tolist(),
         "std": model.normalize.std.flatten().tolist(),
     }
+
+
+def input_size(model: nn.Module) -> tuple[int, int]:
+    """(H, W) of the images a model takes: an external model's recorded input shape, 32x32 otherwise."""
+    spec = getattr(model, "igkd_spec", None)
+    if isinstance(spec, dict) and spec.get("arch") == EXTERNAL and min(spec["input_shape"][1:]) > 0:
+        return tuple(spec["input_shape"][1:])
+    return (32, 32)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -37,7 +37,8 @@ def _features(model: nn.Module, role: str) -> nn.Sequential:
     features = getattr(model, "features", None)
     if not isinstance(features, nn.Sequential):
         raise IgkdError(
-            f"the default attention layer needs a {role} with a 'features' Sequential; name one with --at-{role}-layer"
+            f"the default attention layer needs a {role} with a 'features' Sequential; name one with --at-{role}-layer "
+            "(igkd models layers <package.module:factory> lists a network's modules and their output shapes)"
         )
     return features
 
@@ -93,3 +94,28 @@ def attention_layers(
             f"its deepest module, features.{n_student - 1}, the closest in depth; its map is resized to the teacher's"
         )
     return {"teacher": t_layer, "student": s_layer, "rule": rule}
+
+
+def check_attention_pair(teacher: nn.Module, student: nn.Module, layers: dict, input_shape) -> dict:
+    """The attention layers of a pair of any networks, checked on one forward of a zero image of ``input_shape``
+    (batch 1, eval mode): each name must be a module whose output is a 4-D feature map ``[B, C, H, W]`` (the maps'
+    spatial sizes may differ: the student's is resized to the teacher's). Names of a user's network inside
+    :class:`igkd.models.external.Normalized` are taken as they are written. Returns the module names as the
+    wrapped models spell them and the two output shapes; a wrong name is one line listing the 4-D layers."""
+    from igkd.models.external import Normalized, layer_listing, layer_shapes, resolve_layer
+
+    checked = {}
+    for role, model in (("teacher", teacher), ("student", student)):
+        name = layers[role]
+        user_name = name.removeprefix("model.") if isinstance(model, Normalized) else name
+        shapes = {n: shape for n, _, shape in layer_shapes(model, input_shape)}
+        shape = shapes.get(user_name)
+        where = f"--at-{role}-layer {user_name!r}"
+        if shape is None:
+            raise IgkdError(f"{where}: the {role} has no such module; its modules with 4-D outputs on a [1, {', '.join(map(str, input_shape))}] image: "
+                            f"{layer_listing(model, input_shape) or 'none'}")
+        if not isinstance(shape, list) or len(shape) != 4:
+            raise IgkdError(f"{where} gives {shape}, not a feature map [B, C, H, W]: attention transfer needs one; the {role}'s 4-D layers: "
+                            f"{layer_listing(model, input_shape) or 'none'}")
+        checked[role], checked[f"{role}_shape"] = resolve_layer(model, user_name), shape
+    return checked
