@@ -108,6 +108,16 @@ class _Clock:
         return TIME_MARGIN * epochs * per_epoch * max(1.0, size / measured_size)
 
 
+def finished_and_pending(runs: list[Run], cohort_size: int | None) -> tuple[dict[str, dict], list[Run]]:
+    """Checks shared by every executor (the cohort size; no folder of another run), then the summaries of the runs
+    finished earlier (by folder) and the runs still to train, in plan order."""
+    check_cohort_size(cohort_size)
+    for run in runs:
+        refuse_foreign_folder(run.out)
+    summaries = {str(r.out): s for r in runs if (s := read_summary(r.out / SUMMARY)) is not None}
+    return summaries, [r for r in runs if str(r.out) not in summaries]
+
+
 def execute(
     runs: list[Run],
     dataset,
@@ -130,11 +140,7 @@ def execute(
     """
     from igkd.devices import resolve_device
 
-    check_cohort_size(cohort_size)
-    for run in runs:
-        refuse_foreign_folder(run.out)
-    summaries = {str(r.out): s for r in runs if (s := read_summary(r.out / SUMMARY)) is not None}
-    pending = [r for r in runs if str(r.out) not in summaries]
+    summaries, pending = finished_and_pending(runs, cohort_size)
     if not pending:
         return summaries
     device = resolve_device(pending[0].config.device)

@@ -24,9 +24,7 @@ from typing import Callable
 import torch
 
 from igkd.distill.cohort import cohort_key, fusable
-from igkd.distill.executor import Run, check_cohort_size, checkpoint_epoch, default_cohort_size
-from igkd.distill.run_folder import SUMMARY, read_summary
-from igkd.distill.run import refuse_foreign_folder
+from igkd.distill.executor import Run, checkpoint_epoch, default_cohort_size, finished_and_pending
 from igkd.errors import IgkdError
 
 #: How often Ray runs a cohort's task again after its worker or node died (it resumes from the checkpoints).
@@ -129,11 +127,7 @@ def execute(
     del progress, on_epoch_end  # tasks train without progress bars; their epochs are not seen here
     if time_left is not None:
         raise IgkdError("a time budget (--budget) sizes cohorts between epochs in this process: use it with --executor local")
-    check_cohort_size(cohort_size)
-    for run in runs:
-        refuse_foreign_folder(run.out)
-    summaries = {str(r.out): s for r in runs if (s := read_summary(r.out / SUMMARY)) is not None}
-    pending = [r for r in runs if str(r.out) not in summaries]
+    summaries, pending = finished_and_pending(runs, cohort_size)
     if not pending:
         return summaries
     ray = require_ray()
